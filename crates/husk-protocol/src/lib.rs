@@ -1,0 +1,56 @@
+//! The husk agent API: generated ttrpc bindings for `proto/agent.proto` plus the
+//! few constants both sides of the channel must agree on. No logic lives here.
+
+/// Generated protobuf messages (`husk.agent.v1`).
+#[allow(
+    missing_docs,
+    dead_code,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    unused_qualifications,
+    unused_results,
+    unused_mut,
+    unused_imports,
+    clippy::all
+)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+}
+
+/// Generated ttrpc client and server glue for the `Agent` service.
+#[allow(
+    missing_docs,
+    dead_code,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    unused_qualifications,
+    unused_results,
+    unused_mut,
+    unused_imports,
+    clippy::all
+)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+/// API major version; see the header of `proto/agent.proto` for the rules.
+pub const API_VERSION: u32 = 1;
+
+/// Name of the virtio-serial port the agent serves on
+/// (`/sys/class/virtio-ports/*/name` in the guest).
+pub const AGENT_PORT_NAME: &str = "husk.agent";
+
+/// Tag of the sandbox's shared filesystem device (virtio-fs or 9p).
+pub const SHARE_TAG: &str = "husk-share";
+
+/// Where the agent mounts the sandbox's shared filesystem in the guest.
+pub const GUEST_SHARE_DIR: &str = "/run/husk/share";
+
+/// Largest stdout/stderr chunk one `Read*` call returns, and the largest
+/// stdin chunk the host sends in one `WriteStdin` call.
+pub const MAX_CHUNK: u32 = 256 * 1024;
+
+/// Kernel command-line key that sets the agent's log filter (`husk.log=debug`).
+pub const KERNEL_LOG_PARAM: &str = "husk.log";
