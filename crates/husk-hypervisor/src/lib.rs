@@ -1,1 +1,104 @@
+//! The hypervisor side of husk: the [`Hypervisor`] factory and [`Vm`] handle
+//! traits, the [`VmSpec`] that describes a sandbox VM, the KVM/TCG acceleration
+//! probe, and the QEMU implementation.
+//!
+//! This crate depends on nothing else in the workspace (see docs/architecture.md).
 
+pub mod accel;
+pub mod qemu;
+mod spec;
+mod process;
+pub mod virtiofsd;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use accel::{Accel, AccelMode, HostProbe, SystemProbe};
+pub use process::log_tail;
+pub use spec::{SharedFs, VmSpec};
+
+/// Errors of launching, driving and stopping a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    /// A binary the VM needs is not where the configuration says.
+    #[error("{what} not found at {path}: {fix}")]
+    MissingBinary {
+        what: &'static str,
+        path: PathBuf,
+        fix: &'static str,
+    },
+    /// A file the VM boots from is missing.
+    #[error("{what} not found at {path}: build it with `make guest` or set `{key}` in the husk config")]
+    MissingFile {
+        what: &'static str,
+        path: PathBuf,
+        key: &'static str,
+    },
+    #[error("failed to start {what}: {source}")]
+    Spawn {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A helper process exited before it was ready.
+    #[error("{what} exited during start-up ({status}): {output}")]
+    EarlyExit {
+        what: &'static str,
+        status: String,
+        output: String,
+    },
+    #[error("{what} did not create its socket {path} within {timeout:?}")]
+    SocketTimeout {
+        what: &'static str,
+        path: PathBuf,
+        timeout: Duration,
+    },
+    #[error("QMP: {0}")]
+    Qmp(#[from] qemu::qmp::QmpError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The hypervisor exited with this code (0 after a guest power-off or reset).
+    Code(i32),
+    /// The hypervisor was killed by this signal.
+    Signal(i32),
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::Code(c) => write!(f, "exit code {c}"),
+            VmExit::Signal(s) => write!(f, "killed by signal {s}"),
+        }
+    }
+}
+
+/// A factory of VMs.
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Starts a VM described by `spec` and returns once its agent endpoint
+    /// exists (not once the guest has booted).
+    async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, HypervisorError>;
+}
+
+/// A running VM. Dropping the handle kills the VM and its helper processes.
+#[async_trait]
+pub trait Vm: Send {
+    /// Host pid of the hypervisor process.
+    fn pid(&self) -> u32;
+    /// Waits until the VM has exited.
+    async fn wait(&mut self) -> VmExit;
+    /// Stops the VM: asks the hypervisor to quit, kills it after `grace`, and
+    /// stops every helper process. Idempotent.
+    async fn shutdown(&mut self, grace: Duration) -> Result<VmExit, HypervisorError>;
+}

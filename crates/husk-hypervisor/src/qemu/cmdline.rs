@@ -1,0 +1,220 @@
+//! The QEMU command line as a pure function of the [`VmSpec`].
+//!
+//! Machine: `microvm` with `acpi=off` (no firmware, no PCI scan, direct kernel
+//! boot; QEMU then lists the virtio-mmio devices on the kernel command line).
+//! Devices: the console on the ISA serial port into a log file, a
+//! virtio-serial port for the agent, virtio-rng, and the share (virtio-fs over
+//! vhost-user with a shared memfd memory backend, or virtio-9p).
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use crate::{Accel, SharedFs, VmSpec};
+
+/// Kernel parameters every husk guest gets. `reboot=t` + QEMU's `-no-reboot`
+/// make a guest reboot (the agent's power-off, or a panic via `panic=-1`)
+/// end the QEMU process.
+pub const BASE_KERNEL_PARAMS: &[&str] = &[
+    "console=ttyS0",
+    "reboot=t",
+    "panic=-1",
+    "rdinit=/init",
+    "quiet",
+    "i8042.noaux",
+    "i8042.nomux",
+    "i8042.dumbkbd",
+    "8250.nr_uarts=1",
+];
+
+fn path_arg(prefix: &str, p: &Path, suffix: &str) -> OsString {
+    let mut s = OsString::from(prefix);
+    s.push(p.as_os_str());
+    s.push(suffix);
+    s
+}
+
+/// The kernel command line for `spec`.
+pub fn kernel_cmdline(spec: &VmSpec) -> String {
+    let mut params: Vec<String> = BASE_KERNEL_PARAMS.iter().map(|s| s.to_string()).collect();
+    params.extend(spec.kernel_params.iter().cloned());
+    params.join(" ")
+}
+
+/// QEMU's arguments (without the binary) for `spec`.
+pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |s: &str| a.push(OsString::from(s));
+    let mem = format!("{}M", spec.memory_mib);
+
+    push("-name");
+    push(&format!("husk-{}", spec.name));
+    let machine = match spec.shared_fs {
+        SharedFs::Virtiofs { .. } => "microvm,acpi=off,memory-backend=mem",
+        SharedFs::NineP => "microvm,acpi=off",
+    };
+    push("-M");
+    push(machine);
+    push("-accel");
+    push(match spec.accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg,thread=multi",
+    });
+    push("-cpu");
+    push(match spec.accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max",
+    });
+    push("-m");
+    push(&mem);
+    push("-smp");
+    push(&spec.vcpus.to_string());
+    for s in [
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        // Modern virtio-mmio (vhost-user-fs needs VIRTIO_F_VERSION_1).
+        "-global",
+        "virtio-mmio.force-legacy=false",
+    ] {
+        push(s);
+    }
+    if let SharedFs::Virtiofs { .. } = spec.shared_fs {
+        push("-object");
+        push(&format!("memory-backend-memfd,id=mem,size={mem},share=on"));
+    }
+    push("-kernel");
+    a.push(spec.kernel.clone().into_os_string());
+    push_str(&mut a, "-initrd");
+    a.push(spec.initrd.clone().into_os_string());
+    push_str(&mut a, "-append");
+    a.push(kernel_cmdline(spec).into());
+
+    push_str(&mut a, "-chardev");
+    a.push(path_arg("file,id=console,path=", &spec.console_log, ""));
+    push_str(&mut a, "-serial");
+    push_str(&mut a, "chardev:console");
+
+    push_str(&mut a, "-device");
+    push_str(&mut a, "virtio-rng-device");
+
+    push_str(&mut a, "-device");
+    push_str(&mut a, "virtio-serial-device");
+    push_str(&mut a, "-chardev");
+    a.push(path_arg(
+        "socket,id=agent,path=",
+        &spec.agent_socket,
+        ",server=on,wait=off",
+    ));
+    push_str(&mut a, "-device");
+    a.push(format!("virtserialport,chardev=agent,name={}", spec.agent_port).into());
+
+    match &spec.shared_fs {
+        SharedFs::Virtiofs { socket, .. } => {
+            push_str(&mut a, "-chardev");
+            a.push(path_arg("socket,id=share,path=", socket, ""));
+            push_str(&mut a, "-device");
+            a.push(format!("vhost-user-fs-device,chardev=share,tag={}", spec.share_tag).into());
+        }
+        SharedFs::NineP => {
+            push_str(&mut a, "-fsdev");
+            a.push(path_arg(
+                "local,id=share,path=",
+                &spec.share_dir,
+                ",security_model=none",
+            ));
+            push_str(&mut a, "-device");
+            a.push(format!("virtio-9p-device,fsdev=share,mount_tag={}", spec.share_tag).into());
+        }
+    }
+
+    push_str(&mut a, "-qmp");
+    a.push(path_arg("unix:", &spec.qmp_socket, ",server=on,wait=off"));
+    a
+}
+
+fn push_str(a: &mut Vec<OsString>, s: &str) {
+    a.push(OsString::from(s));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn spec(shared_fs: SharedFs, accel: Accel) -> VmSpec {
+        let d = PathBuf::from("/run/husk/c1");
+        VmSpec {
+            name: "c1".into(),
+            qemu: "/usr/bin/qemu-system-x86_64".into(),
+            kernel: "/k/vmlinux".into(),
+            initrd: "/k/initrd.img".into(),
+            accel,
+            vcpus: 1,
+            memory_mib: 256,
+            kernel_params: vec!["husk.log=debug".into()],
+            share_dir: d.join("share"),
+            shared_fs,
+            share_tag: "husk-share".into(),
+            agent_port: "husk.agent".into(),
+            agent_socket: d.join("agent.sock"),
+            qmp_socket: d.join("qmp.sock"),
+            console_log: d.join("console.log"),
+            hypervisor_log: d.join("qemu.log"),
+        }
+    }
+
+    fn joined(spec: &VmSpec) -> String {
+        command_line(spec)
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn golden_9p_tcg() {
+        assert_eq!(
+            joined(&spec(SharedFs::NineP, Accel::Tcg)),
+            "-name husk-c1 -M microvm,acpi=off -accel tcg,thread=multi -cpu max -m 256M -smp 1 \
+             -nodefaults -no-user-config -display none -no-reboot -global virtio-mmio.force-legacy=false \
+             -kernel /k/vmlinux -initrd /k/initrd.img \
+             -append console=ttyS0 reboot=t panic=-1 rdinit=/init quiet i8042.noaux i8042.nomux i8042.dumbkbd 8250.nr_uarts=1 husk.log=debug \
+             -chardev file,id=console,path=/run/husk/c1/console.log -serial chardev:console \
+             -device virtio-rng-device -device virtio-serial-device \
+             -chardev socket,id=agent,path=/run/husk/c1/agent.sock,server=on,wait=off \
+             -device virtserialport,chardev=agent,name=husk.agent \
+             -fsdev local,id=share,path=/run/husk/c1/share,security_model=none \
+             -device virtio-9p-device,fsdev=share,mount_tag=husk-share \
+             -qmp unix:/run/husk/c1/qmp.sock,server=on,wait=off"
+        );
+    }
+
+    #[test]
+    fn virtiofs_uses_shared_memfd_and_vhost_user() {
+        let s = spec(
+            SharedFs::Virtiofs {
+                daemon: "/usr/libexec/virtiofsd".into(),
+                socket: "/run/husk/c1/virtiofsd.sock".into(),
+            },
+            Accel::Kvm,
+        );
+        let line = joined(&s);
+        assert!(line.contains("-M microvm,acpi=off,memory-backend=mem "));
+        assert!(line.contains("-object memory-backend-memfd,id=mem,size=256M,share=on"));
+        assert!(line.contains(
+            "-chardev socket,id=share,path=/run/husk/c1/virtiofsd.sock -device vhost-user-fs-device,chardev=share,tag=husk-share"
+        ));
+        assert!(line.contains("-accel kvm -cpu host"));
+        assert!(!line.contains("9p"));
+    }
+
+    #[test]
+    fn kernel_params_come_after_the_base_ones() {
+        let s = spec(SharedFs::NineP, Accel::Tcg);
+        let c = kernel_cmdline(&s);
+        assert!(c.starts_with("console=ttyS0 "));
+        assert!(c.ends_with(" husk.log=debug"));
+    }
+}

@@ -1,0 +1,253 @@
+//! A small QMP client: greeting, capability negotiation, commands, replies.
+//!
+//! QMP is line-delimited JSON. Asynchronous events (`{"event": ...}`) may
+//! arrive between a command and its reply; they are logged and skipped.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connection lost: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("QEMU closed the QMP connection")]
+    Closed,
+    #[error("unparsable reply {line:?}: {source}")]
+    Parse {
+        line: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{command} failed: {class}: {desc}")]
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("unexpected reply to {command}: {reply}")]
+    Unexpected { command: String, reply: String },
+}
+
+/// What one line from QEMU is.
+#[derive(Debug, PartialEq)]
+pub enum QmpMessage {
+    Greeting,
+    Event(String),
+    Return(Value),
+    Error { class: String, desc: String },
+}
+
+/// Classifies one QMP line.
+pub fn parse_line(line: &str) -> Result<QmpMessage, QmpError> {
+    let v: Value = serde_json::from_str(line).map_err(|source| QmpError::Parse {
+        line: line.to_string(),
+        source,
+    })?;
+    if v.get("QMP").is_some() {
+        return Ok(QmpMessage::Greeting);
+    }
+    if let Some(ev) = v.get("event") {
+        return Ok(QmpMessage::Event(ev.as_str().unwrap_or("?").to_string()));
+    }
+    if let Some(r) = v.get("return") {
+        return Ok(QmpMessage::Return(r.clone()));
+    }
+    if let Some(e) = v.get("error") {
+        return Ok(QmpMessage::Error {
+            class: e
+                .get("class")
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_string(),
+            desc: e
+                .get("desc")
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_string(),
+        });
+    }
+    Err(QmpError::Unexpected {
+        command: String::new(),
+        reply: line.to_string(),
+    })
+}
+
+/// A negotiated QMP session.
+pub struct Qmp {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+impl Qmp {
+    /// Connects, reads the greeting and leaves capability negotiation mode.
+    pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| QmpError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let (r, w) = stream.into_split();
+        let mut qmp = Qmp {
+            reader: BufReader::new(r),
+            writer: w,
+        };
+        match qmp.next_message().await? {
+            QmpMessage::Greeting => {}
+            other => {
+                return Err(QmpError::Unexpected {
+                    command: "greeting".into(),
+                    reply: format!("{other:?}"),
+                })
+            }
+        }
+        qmp.execute("qmp_capabilities", None).await?;
+        Ok(qmp)
+    }
+
+    async fn next_message(&mut self) -> Result<QmpMessage, QmpError> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line).await? == 0 {
+            return Err(QmpError::Closed);
+        }
+        parse_line(line.trim_end())
+    }
+
+    /// Runs one command and returns its `return` value.
+    pub async fn execute(&mut self, command: &str, args: Option<Value>) -> Result<Value, QmpError> {
+        let mut req = json!({ "execute": command });
+        if let Some(a) = args {
+            req["arguments"] = a;
+        }
+        let mut line = req.to_string();
+        line.push('\n');
+        self.writer.write_all(line.as_bytes()).await?;
+        loop {
+            match self.next_message().await? {
+                QmpMessage::Return(v) => return Ok(v),
+                QmpMessage::Error { class, desc } => {
+                    return Err(QmpError::Command {
+                        command: command.to_string(),
+                        class,
+                        desc,
+                    })
+                }
+                QmpMessage::Event(ev) => tracing::debug!(event = %ev, "qmp event"),
+                QmpMessage::Greeting => {
+                    return Err(QmpError::Unexpected {
+                        command: command.to_string(),
+                        reply: "a second greeting".into(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// The VM's run state (`running`, `paused`, ...).
+    pub async fn status(&mut self) -> Result<String, QmpError> {
+        let v = self.execute("query-status", None).await?;
+        v.get("status")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| QmpError::Unexpected {
+                command: "query-status".into(),
+                reply: v.to_string(),
+            })
+    }
+
+    /// Asks QEMU to exit. QEMU may close the connection before replying.
+    pub async fn quit(&mut self) -> Result<(), QmpError> {
+        match self.execute("quit", None).await {
+            Ok(_) | Err(QmpError::Closed) => Ok(()),
+            Err(QmpError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_lines() {
+        assert_eq!(
+            parse_line(r#"{"QMP": {"version": {}, "capabilities": []}}"#).unwrap(),
+            QmpMessage::Greeting
+        );
+        assert_eq!(
+            parse_line(r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#)
+                .unwrap(),
+            QmpMessage::Event("STOP".into())
+        );
+        assert_eq!(
+            parse_line(r#"{"return": {"status": "running", "running": true}}"#).unwrap(),
+            QmpMessage::Return(json!({"status": "running", "running": true}))
+        );
+        assert_eq!(
+            parse_line(r#"{"error": {"class": "GenericError", "desc": "nope"}}"#).unwrap(),
+            QmpMessage::Error {
+                class: "GenericError".into(),
+                desc: "nope".into()
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(matches!(parse_line("not json"), Err(QmpError::Parse { .. })));
+        assert!(matches!(
+            parse_line(r#"{"what": 1}"#),
+            Err(QmpError::Unexpected { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn talks_to_a_scripted_peer() {
+        let dir = std::env::temp_dir().join(format!("husk-qmp-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let peer = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut r = BufReader::new(r);
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .await
+                .unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).await.unwrap();
+            assert!(line.contains("qmp_capabilities"));
+            w.write_all(b"{\"return\": {}}\n").await.unwrap();
+            line.clear();
+            r.read_line(&mut line).await.unwrap();
+            assert!(line.contains("query-status"));
+            w.write_all(b"{\"event\": \"RESUME\", \"timestamp\": {}}\n{\"return\": {\"status\": \"paused\", \"running\": false}}\n")
+                .await
+                .unwrap();
+            line.clear();
+            r.read_line(&mut line).await.unwrap();
+            assert!(line.contains("\"stop\""));
+            w.write_all(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"busy\"}}\n")
+                .await
+                .unwrap();
+        });
+        let mut q = Qmp::connect(&sock).await.unwrap();
+        assert_eq!(q.status().await.unwrap(), "paused");
+        let err = q.execute("stop", None).await.unwrap_err();
+        assert_eq!(err.to_string(), "stop failed: GenericError: busy");
+        peer.await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,59 @@
+//! [`VmSpec`]: everything a hypervisor needs to start one sandbox VM.
+
+use std::path::PathBuf;
+
+use crate::Accel;
+
+/// How the sandbox's shared directory reaches the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedFs {
+    /// virtio-fs through a `virtiofsd` daemon (needs shared guest memory).
+    Virtiofs {
+        /// The virtiofsd binary.
+        daemon: PathBuf,
+        /// The vhost-user socket virtiofsd listens on.
+        socket: PathBuf,
+    },
+    /// virtio-9p served by QEMU itself.
+    NineP,
+}
+
+impl SharedFs {
+    /// The driver name the guest agent mounts it with.
+    pub fn driver(&self) -> &'static str {
+        match self {
+            SharedFs::Virtiofs { .. } => "virtiofs",
+            SharedFs::NineP => "9p",
+        }
+    }
+}
+
+/// One sandbox VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    /// Short name, shown in `ps` as `-name husk-<name>`.
+    pub name: String,
+    pub qemu: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub accel: Accel,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Extra kernel parameters, appended after the built-in ones.
+    pub kernel_params: Vec<String>,
+    /// Host directory exported to the guest as the sandbox share.
+    pub share_dir: PathBuf,
+    pub shared_fs: SharedFs,
+    /// Tag of the share device (the guest mounts it by this name).
+    pub share_tag: String,
+    /// virtio-serial port name of the agent channel.
+    pub agent_port: String,
+    /// Unix socket QEMU listens on for the agent channel.
+    pub agent_socket: PathBuf,
+    /// Unix socket QEMU listens on for QMP.
+    pub qmp_socket: PathBuf,
+    /// File that receives the guest console (kernel and agent logs).
+    pub console_log: PathBuf,
+    /// File that receives QEMU's own stderr.
+    pub hypervisor_log: PathBuf,
+}
