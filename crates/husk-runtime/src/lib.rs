@@ -1,1 +1,15 @@
+//! The host library of husk, shared by the CLI, the containerd shim and the
+//! sandbox monitor: configuration, bundles, spec translation, the agent
+//! client, and the sandbox lifecycle.
 
+pub mod agent;
+pub mod bundle;
+pub mod check;
+pub mod config;
+pub mod mountns;
+pub mod run;
+pub mod sandbox;
+pub mod sandbox_dir;
+pub mod share;
+pub mod stdio;
+pub mod translate;

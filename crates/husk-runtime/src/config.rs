@@ -1,0 +1,222 @@
+//! The husk configuration file (TOML). Every key has a compiled-in default, so
+//! an absent default file means "all defaults"; a file named explicitly
+//! (`--config` or `HUSK_CONFIG`) must exist.
+
+use std::path::{Path, PathBuf};
+
+use husk_hypervisor::AccelMode;
+use serde::{Deserialize, Serialize};
+
+/// The default config file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/husk/config.toml";
+/// The environment variable that names a config file.
+pub const CONFIG_ENV: &str = "HUSK_CONFIG";
+/// Where `make install` puts the guest kernel and initrd.
+pub const DEFAULT_GUEST_DIR: &str = "/usr/local/share/husk";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Log filter for husk and the guest agent (`error`, `warn`, `info`,
+    /// `debug`, `trace`, or a tracing filter). `--debug` raises it to `debug`.
+    pub log_level: String,
+    pub hypervisor: HypervisorConfig,
+    pub shared_fs: SharedFsConfig,
+    pub agent: AgentConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HypervisorConfig {
+    /// The QEMU binary.
+    pub path: PathBuf,
+    /// `auto` (KVM when the CPU has vmx/svm and /dev/kvm is usable, TCG
+    /// otherwise), `kvm` or `tcg`.
+    pub accel: AccelMode,
+    /// The guest kernel (uncompressed `vmlinux` with a PVH note).
+    pub kernel: PathBuf,
+    /// The guest initrd (cpio with husk-agent as /init).
+    pub initrd: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Extra guest kernel parameters.
+    pub kernel_params: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SharedFsKind {
+    /// virtio-fs when virtiofsd is found, 9p otherwise.
+    #[default]
+    Auto,
+    Virtiofs,
+    #[serde(rename = "9p")]
+    NineP,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SharedFsConfig {
+    pub kind: SharedFsKind,
+    /// The virtiofsd binary; empty means search PATH and the usual places.
+    pub virtiofsd: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// How long the guest may take from QEMU start to a ready agent.
+    pub boot_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            log_level: "info".into(),
+            hypervisor: HypervisorConfig::default(),
+            shared_fs: SharedFsConfig::default(),
+            agent: AgentConfig::default(),
+        }
+    }
+}
+
+impl Default for HypervisorConfig {
+    fn default() -> Self {
+        HypervisorConfig {
+            path: "/usr/bin/qemu-system-x86_64".into(),
+            accel: AccelMode::Auto,
+            kernel: Path::new(DEFAULT_GUEST_DIR).join("vmlinux"),
+            initrd: Path::new(DEFAULT_GUEST_DIR).join("initrd.img"),
+            vcpus: 1,
+            memory_mib: 256,
+            kernel_params: Vec::new(),
+        }
+    }
+}
+
+impl Default for SharedFsConfig {
+    fn default() -> Self {
+        SharedFsConfig {
+            kind: SharedFsKind::Auto,
+            virtiofsd: PathBuf::new(),
+        }
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            boot_timeout_secs: 30,
+        }
+    }
+}
+
+impl Config {
+    /// Parses a config from TOML text; `path` is only used in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string(),
+        })
+    }
+
+    /// Loads the config: `explicit` (from `--config`), else `$HUSK_CONFIG`,
+    /// else the default file if it exists, else the defaults. Returns the
+    /// config and the file it came from.
+    pub fn load(explicit: Option<&Path>) -> Result<(Config, Option<PathBuf>), ConfigError> {
+        let named = explicit
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from));
+        let path = match named {
+            Some(p) => p,
+            None => {
+                let p = PathBuf::from(DEFAULT_CONFIG_PATH);
+                if !p.exists() {
+                    return Ok((Config::default(), None));
+                }
+                p
+            }
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Ok((Config::parse(&text, &path)?, Some(path)))
+    }
+
+    /// The virtiofsd binary to use, if any can be found.
+    pub fn find_virtiofsd(&self) -> Option<PathBuf> {
+        if !self.shared_fs.virtiofsd.as_os_str().is_empty() {
+            return Some(self.shared_fs.virtiofsd.clone());
+        }
+        let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).map(|d| d.join("virtiofsd")).collect())
+            .unwrap_or_default();
+        candidates.extend(
+            [
+                "/usr/local/bin/virtiofsd",
+                "/usr/libexec/virtiofsd",
+                "/usr/lib/qemu/virtiofsd",
+                "/root/.cargo/bin/virtiofsd",
+            ]
+            .map(PathBuf::from),
+        );
+        if let Some(home) = std::env::var_os("HOME") {
+            candidates.push(Path::new(&home).join(".cargo/bin/virtiofsd"));
+        }
+        candidates.into_iter().find(|p| p.is_file())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(
+            Config::parse("", Path::new("x")).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn keys_override_defaults() {
+        let c = Config::parse(
+            "log_level = \"debug\"\n[hypervisor]\naccel = \"tcg\"\nmemory_mib = 512\n[shared_fs]\nkind = \"9p\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.log_level, "debug");
+        assert_eq!(c.hypervisor.accel, AccelMode::Tcg);
+        assert_eq!(c.hypervisor.memory_mib, 512);
+        assert_eq!(c.hypervisor.vcpus, 1);
+        assert_eq!(c.shared_fs.kind, SharedFsKind::NineP);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_file() {
+        let e = Config::parse("[hypervisor]\nmemory = 5\n", Path::new("/etc/x.toml")).unwrap_err();
+        let m = e.to_string();
+        assert!(m.contains("/etc/x.toml"), "{m}");
+        assert!(m.contains("memory"), "{m}");
+    }
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        let e = Config::load(Some(Path::new("/nonexistent/husk.toml"))).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/husk.toml"));
+    }
+}

@@ -1,0 +1,172 @@
+//! Translating a host OCI spec into the spec the guest agent runs: the one
+//! place where host paths become guest paths.
+//!
+//! - `root.path` becomes the rootfs inside the sandbox share
+//!   (`<GUEST_SHARE_DIR>/<container>/rootfs`).
+//! - Bind mounts of host files and directories are shared too
+//!   (`<container>/mounts/<n>`) and their sources rewritten. Sources under
+//!   `/dev`, `/proc` and `/sys` name the guest's own and are left alone.
+//! - Namespace paths name host namespaces, which the guest cannot join; they
+//!   are dropped (the container gets fresh namespaces in the guest).
+//! - Hooks run on the host and are not sent to the guest.
+
+use std::path::{Path, PathBuf};
+
+use husk_protocol::GUEST_SHARE_DIR;
+use oci_spec::runtime::{Mount, Spec};
+
+/// A host path the host must bind-mount into the share before the agent
+/// builds the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareBind {
+    pub host_source: PathBuf,
+    /// Relative to the share directory.
+    pub share_path: PathBuf,
+    pub is_dir: bool,
+}
+
+/// The guest spec and the binds it relies on.
+#[derive(Debug, Clone)]
+pub struct GuestSpec {
+    pub spec: Spec,
+    pub binds: Vec<ShareBind>,
+}
+
+fn is_bind(m: &Mount) -> bool {
+    m.typ().as_deref() == Some("bind")
+        || m.options()
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+fn is_guest_owned(p: &Path) -> bool {
+    ["/dev", "/proc", "/sys"]
+        .iter()
+        .any(|pre| p == Path::new(pre) || p.starts_with(pre))
+}
+
+/// Translates `spec` (from the bundle at `bundle_dir`, rootfs at `rootfs`)
+/// for container `cid`.
+pub fn guest_spec(spec: &Spec, cid: &str, bundle_dir: &Path, rootfs: &Path) -> GuestSpec {
+    let mut spec = spec.clone();
+    let guest_dir = Path::new(GUEST_SHARE_DIR).join(cid);
+    let mut binds = vec![ShareBind {
+        host_source: rootfs.to_path_buf(),
+        share_path: Path::new(cid).join("rootfs"),
+        is_dir: true,
+    }];
+
+    if let Some(mut root) = spec.root().clone() {
+        root.set_path(guest_dir.join("rootfs"));
+        spec.set_root(Some(root));
+    }
+
+    if let Some(mounts) = spec.mounts_mut() {
+        for (n, m) in mounts.iter_mut().enumerate() {
+            if !is_bind(m) {
+                continue;
+            }
+            let Some(src) = m.source().clone() else {
+                continue;
+            };
+            let host = if src.is_absolute() {
+                src
+            } else {
+                bundle_dir.join(src)
+            };
+            if is_guest_owned(&host) {
+                continue;
+            }
+            let share_path = Path::new(cid).join("mounts").join(n.to_string());
+            m.set_source(Some(Path::new(GUEST_SHARE_DIR).join(&share_path)));
+            binds.push(ShareBind {
+                is_dir: !host.is_file(),
+                host_source: host,
+                share_path,
+            });
+        }
+    }
+
+    if let Some(linux) = spec.linux_mut() {
+        if let Some(nss) = linux.namespaces_mut() {
+            for ns in nss.iter_mut() {
+                if ns.path().is_some() {
+                    tracing::debug!(ns = ?ns.typ(), "dropping a host namespace path: the guest cannot join it");
+                    ns.set_path(None);
+                }
+            }
+        }
+    }
+    spec.set_hooks(None);
+    GuestSpec { spec, binds }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> Spec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    const S: &str = r#"{
+        "ociVersion": "1.0.2",
+        "process": {"cwd": "/", "args": ["sh"], "user": {"uid": 0, "gid": 0}},
+        "root": {"path": "rootfs"},
+        "hooks": {"prestart": [{"path": "/bin/true"}]},
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind", "rw"]},
+            {"destination": "/etc/hosts", "type": "none", "source": "/etc/hosts", "options": ["bind", "ro"]},
+            {"destination": "/dev/shm", "type": "bind", "source": "/dev/shm", "options": ["bind"]},
+            {"destination": "/rel", "type": "bind", "source": "reldir", "options": ["bind"]}
+        ],
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/proc/42/ns/net"}]}
+    }"#;
+
+    #[test]
+    fn root_and_binds_move_into_the_share() {
+        let g = guest_spec(&spec(S), "c1", Path::new("/b"), Path::new("/b/rootfs"));
+        assert_eq!(
+            g.spec.root().as_ref().unwrap().path(),
+            Path::new("/run/husk/share/c1/rootfs")
+        );
+        let m = g.spec.mounts().as_ref().unwrap();
+        assert_eq!(m[0].source().as_deref(), Some(Path::new("proc")));
+        assert_eq!(
+            m[1].source().as_deref(),
+            Some(Path::new("/run/husk/share/c1/mounts/1"))
+        );
+        assert_eq!(
+            m[2].source().as_deref(),
+            Some(Path::new("/run/husk/share/c1/mounts/2"))
+        );
+        assert_eq!(m[3].source().as_deref(), Some(Path::new("/dev/shm")));
+        assert_eq!(
+            m[4].source().as_deref(),
+            Some(Path::new("/run/husk/share/c1/mounts/4"))
+        );
+
+        let srcs: Vec<_> = g.binds.iter().map(|b| b.host_source.clone()).collect();
+        assert_eq!(
+            srcs,
+            vec![
+                PathBuf::from("/b/rootfs"),
+                PathBuf::from("/srv/data"),
+                PathBuf::from("/etc/hosts"),
+                PathBuf::from("/b/reldir"),
+            ]
+        );
+        assert!(g.binds[0].is_dir);
+        assert!(!g.binds[2].is_dir, "/etc/hosts is a file");
+    }
+
+    #[test]
+    fn host_only_parts_are_dropped() {
+        let g = guest_spec(&spec(S), "c1", Path::new("/b"), Path::new("/b/rootfs"));
+        assert!(g.spec.hooks().is_none());
+        let nss = g.spec.linux().as_ref().unwrap().namespaces().as_ref().unwrap();
+        assert!(nss.iter().all(|n| n.path().is_none()));
+        assert_eq!(nss.len(), 2);
+    }
+}
