@@ -1,0 +1,78 @@
+//! Bad input to `husk run` (as root): one clear error line, a non-zero exit,
+//! and nothing left behind.
+
+use husk_e2e::*;
+
+fn assert_one_line_error(o: &std::process::Output, needle: &str) {
+    assert_ne!(o.status.code(), Some(0), "husk should fail");
+    let err = stderr(o);
+    let lines: Vec<_> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
+    assert!(lines[0].starts_with("husk: "), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+#[test]
+fn root_missing_bundle() {
+    let env = Env::new("nobundle");
+    let o = env.husk().args(["run", "--bundle", "/nonexistent/bundle", "x"]).output().unwrap();
+    assert_one_line_error(&o, "/nonexistent/bundle");
+    env.assert_no_leaks();
+}
+
+#[test]
+fn root_malformed_config_json() {
+    let env = Env::new("badjson");
+    let b = Bundle::busybox(&["true"]);
+    std::fs::write(b.dir().join("config.json"), "{ \"ociVersion\": ").unwrap();
+    let o = env.husk().arg("run").arg("--bundle").arg(b.dir()).arg("x").output().unwrap();
+    assert_one_line_error(&o, "config.json");
+    env.assert_no_leaks();
+}
+
+#[test]
+fn root_invalid_id() {
+    let env = Env::new("badid");
+    let b = Bundle::busybox(&["true"]);
+    let o = env.husk().arg("run").arg("--bundle").arg(b.dir()).arg("../evil").output().unwrap();
+    assert_one_line_error(&o, "invalid");
+    env.assert_no_leaks();
+}
+
+#[test]
+fn root_missing_kernel() {
+    let env = Env::with("nokernel", Share::Auto, |t| {
+        t["hypervisor"]["kernel"] = toml_edit::value("/nonexistent/vmlinux");
+    });
+    let b = Bundle::busybox(&["true"]);
+    let o = env.husk().arg("run").arg("--bundle").arg(b.dir()).arg("x").output().unwrap();
+    assert_one_line_error(&o, "/nonexistent/vmlinux");
+    env.assert_no_leaks();
+}
+
+#[test]
+fn root_missing_qemu() {
+    let env = Env::with("noqemu", Share::Auto, |t| {
+        t["hypervisor"]["path"] = toml_edit::value("/nonexistent/qemu-system-x86_64");
+    });
+    let b = Bundle::busybox(&["true"]);
+    let o = env.husk().arg("run").arg("--bundle").arg(b.dir()).arg("x").output().unwrap();
+    assert_one_line_error(&o, "/nonexistent/qemu-system-x86_64");
+    env.assert_no_leaks();
+}
+
+#[test]
+fn root_missing_config_file() {
+    let env = Env::new("noconfig");
+    let b = Bundle::busybox(&["true"]);
+    let o = std::process::Command::new(husk_bin())
+        .arg("--root")
+        .arg(env.root())
+        .args(["--config", "/nonexistent/husk.toml", "run", "--bundle"])
+        .arg(b.dir())
+        .arg("x")
+        .output()
+        .unwrap();
+    assert_one_line_error(&o, "/nonexistent/husk.toml");
+    env.assert_no_leaks();
+}
