@@ -38,3 +38,42 @@ initrd: agent
 
 guest: kernel initrd
 
+## install: husk to $(PREFIX)/bin, the guest to $(PREFIX)/share/husk (the config defaults)
+install: build guest
+	install -D -m 0755 target/release/husk $(PREFIX)/bin/husk
+	install -D -m 0644 $(GUEST_DIR)/vmlinux $(PREFIX)/share/husk/vmlinux
+	install -D -m 0644 $(GUEST_DIR)/vmlinux.release $(PREFIX)/share/husk/vmlinux.release
+	install -D -m 0644 $(GUEST_DIR)/initrd.img $(PREFIX)/share/husk/initrd.img
+
+DEMO_BUNDLE ?= /var/tmp/husk-demo-bundle
+
+## demo: set up everything that is missing, then run a container in a VM
+demo: setup install
+	@scripts/busybox-bundle.sh $(DEMO_BUNDLE) uname -sr
+	@echo "host kernel:               $$(uname -sr)"
+	@echo "kernel in the husk container: $$($(PREFIX)/bin/husk run --bundle $(DEMO_BUNDLE) husk-demo-$$$$)"
+
+## lint: rustfmt and clippy, warnings are errors
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+## test-unit: unit tests and the agent-as-a-process tests (root, no VM)
+test-unit:
+	cargo test --workspace --exclude husk-e2e
+
+## test-e2e: real VMs under QEMU (root)
+test-e2e: build guest
+	HUSK_BIN=$(CURDIR)/target/release/husk HUSK_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) \
+	  cargo test -p husk-e2e -- --test-threads=2
+
+## test: every layer this machine can run
+test: setup lint test-unit test-e2e
+
+## bench: husk run vs runc run, same bundle, same run; prints ratios
+bench: build guest
+	HUSK_BIN=$(CURDIR)/target/release/husk HUSK_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) \
+	  cargo bench -p husk-e2e --bench run_vs_runc
+
+clean-cache:
+	rm -rf $(HUSK_CACHE)/kernel
