@@ -88,9 +88,7 @@ pub fn choose(mode: AccelMode, probe: &dyn HostProbe) -> AccelChoice {
         },
         AccelMode::Auto => {
             let flags = probe.cpu_flags();
-            let hw = flags
-                .split_whitespace()
-                .any(|f| f == "vmx" || f == "svm");
+            let hw = flags.split_whitespace().any(|f| f == "vmx" || f == "svm");
             let dev = probe.kvm_device_usable();
             if hw && dev {
                 AccelChoice {

@@ -5,9 +5,9 @@
 //! This crate depends on nothing else in the workspace (see docs/architecture.md).
 
 pub mod accel;
+mod process;
 pub mod qemu;
 mod spec;
-mod process;
 pub mod virtiofsd;
 
 use std::path::PathBuf;
@@ -30,7 +30,9 @@ pub enum HypervisorError {
         fix: &'static str,
     },
     /// A file the VM boots from is missing.
-    #[error("{what} not found at {path}: build it with `make guest` or set `{key}` in the husk config")]
+    #[error(
+        "{what} not found at {path}: build it with `make guest` or set `{key}` in the husk config"
+    )]
     MissingFile {
         what: &'static str,
         path: PathBuf,

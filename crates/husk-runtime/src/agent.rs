@@ -68,11 +68,7 @@ fn ctx() -> ttrpc::context::Context {
     ttrpc::context::Context::default()
 }
 
-async fn call<T, F>(
-    name: &'static str,
-    limit: Option<Duration>,
-    fut: F,
-) -> Result<T, AgentError>
+async fn call<T, F>(name: &'static str, limit: Option<Duration>, fut: F) -> Result<T, AgentError>
 where
     F: Future<Output = ttrpc::Result<T>>,
 {
@@ -215,7 +211,12 @@ impl AgentClient {
         })
     }
 
-    pub async fn signal_process(&self, id: &str, exec_id: &str, signal: i32) -> Result<(), AgentError> {
+    pub async fn signal_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: i32,
+    ) -> Result<(), AgentError> {
         let req = pb::SignalProcessRequest {
             container_id: id.to_string(),
             exec_id: exec_id.to_string(),
@@ -232,7 +233,12 @@ impl AgentClient {
     }
 
     /// Writes all of `data` to the process's stdin.
-    pub async fn write_stdin(&self, id: &str, exec_id: &str, mut data: &[u8]) -> Result<(), AgentError> {
+    pub async fn write_stdin(
+        &self,
+        id: &str,
+        exec_id: &str,
+        mut data: &[u8],
+    ) -> Result<(), AgentError> {
         while !data.is_empty() {
             let n = data.len().min(husk_protocol::MAX_CHUNK as usize);
             let req = pb::WriteStreamRequest {
@@ -271,7 +277,12 @@ impl AgentClient {
     }
 
     /// The next chunk of stdout (`stderr == false`) or stderr; empty at EOF.
-    pub async fn read_output(&self, id: &str, exec_id: &str, stderr: bool) -> Result<Vec<u8>, AgentError> {
+    pub async fn read_output(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stderr: bool,
+    ) -> Result<Vec<u8>, AgentError> {
         let req = pb::ReadStreamRequest {
             container_id: id.to_string(),
             exec_id: exec_id.to_string(),
@@ -279,9 +290,19 @@ impl AgentClient {
             ..Default::default()
         };
         let r = if stderr {
-            call("ReadStderr", deadline::READ, self.raw.read_stderr(ctx(), &req)).await?
+            call(
+                "ReadStderr",
+                deadline::READ,
+                self.raw.read_stderr(ctx(), &req),
+            )
+            .await?
         } else {
-            call("ReadStdout", deadline::READ, self.raw.read_stdout(ctx(), &req)).await?
+            call(
+                "ReadStdout",
+                deadline::READ,
+                self.raw.read_stdout(ctx(), &req),
+            )
+            .await?
         };
         Ok(r.data)
     }

@@ -80,12 +80,14 @@ pub fn run_checks(cfg: &Config, is_root: bool, probe: &dyn HostProbe) -> Vec<Fin
         });
     }
     let choice = accel::choose(cfg.hypervisor.accel, probe);
-    let kvm_forced_but_missing = cfg.hypervisor.accel == AccelMode::Kvm && !probe.kvm_device_usable();
+    let kvm_forced_but_missing =
+        cfg.hypervisor.accel == AccelMode::Kvm && !probe.kvm_device_usable();
     f.push(Finding {
         item: "acceleration",
         ok: !kvm_forced_but_missing,
         detail: if kvm_forced_but_missing {
-            "hypervisor.accel = \"kvm\" but /dev/kvm is not usable: set it to \"auto\" or \"tcg\"".into()
+            "hypervisor.accel = \"kvm\" but /dev/kvm is not usable: set it to \"auto\" or \"tcg\""
+                .into()
         } else {
             match choice.notice {
                 Some(n) => n,
@@ -142,7 +144,10 @@ mod tests {
         cfg.shared_fs.kind = SharedFsKind::NineP;
         let f = run_checks(&cfg, false, &NoKvm);
         let bad: Vec<_> = f.iter().filter(|x| !x.ok).map(|x| x.item).collect();
-        assert_eq!(bad, vec!["privileges", "qemu", "kernel", "initrd", "acceleration"]);
+        assert_eq!(
+            bad,
+            vec!["privileges", "qemu", "kernel", "initrd", "acceleration"]
+        );
         let k = f.iter().find(|x| x.item == "kernel").unwrap();
         assert!(k.detail.contains("make guest"), "{}", k.detail);
     }

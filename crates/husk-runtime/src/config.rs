@@ -162,7 +162,11 @@ impl Config {
             return Some(self.shared_fs.virtiofsd.clone());
         }
         let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).map(|d| d.join("virtiofsd")).collect())
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("virtiofsd"))
+                    .collect()
+            })
             .unwrap_or_default();
         candidates.extend(
             [

@@ -72,8 +72,20 @@ async fn run_in(
     let tc = Instant::now();
     sandbox.create_container(cid, bundle).await?;
     let agent = sandbox.agent().clone();
-    let out = stdio::relay_output(agent.clone(), cid.into(), String::new(), false, tokio::io::stdout());
-    let err = stdio::relay_output(agent.clone(), cid.into(), String::new(), true, tokio::io::stderr());
+    let out = stdio::relay_output(
+        agent.clone(),
+        cid.into(),
+        String::new(),
+        false,
+        tokio::io::stdout(),
+    );
+    let err = stdio::relay_output(
+        agent.clone(),
+        cid.into(),
+        String::new(),
+        true,
+        tokio::io::stderr(),
+    );
     sandbox
         .while_alive("while starting the container", agent.start_container(cid))
         .await?;
@@ -116,7 +128,10 @@ async fn run_in(
         })
     };
     let status = sandbox
-        .while_alive("while the container was running", agent.wait_process(cid, ""))
+        .while_alive(
+            "while the container was running",
+            agent.wait_process(cid, ""),
+        )
         .await;
     forwarder.abort();
     let status = status?;
@@ -127,7 +142,9 @@ async fn run_in(
     })
     .await;
     if drained.is_err() {
-        tracing::warn!("container output did not end {DRAIN_TIMEOUT:?} after its exit; dropping the rest");
+        tracing::warn!(
+            "container output did not end {DRAIN_TIMEOUT:?} after its exit; dropping the rest"
+        );
     }
     Ok(status)
 }

@@ -187,7 +187,11 @@ impl Sandbox {
 
     /// Shares the bundle's rootfs and bind sources with the guest and has the
     /// agent build the container (its init held before exec).
-    pub async fn create_container(&mut self, cid: &str, bundle: &Bundle) -> Result<(), SandboxError> {
+    pub async fn create_container(
+        &mut self,
+        cid: &str,
+        bundle: &Bundle,
+    ) -> Result<(), SandboxError> {
         let guest = translate::guest_spec(&bundle.spec, cid, &bundle.dir, &bundle.rootfs);
         for b in &guest.binds {
             self.share.bind(b)?;
@@ -208,7 +212,11 @@ impl Sandbox {
     }
 
     /// Runs `fut` (a call to the agent) unless the VM dies first.
-    pub async fn while_alive<T, E, F>(&mut self, when: &'static str, fut: F) -> Result<T, SandboxError>
+    pub async fn while_alive<T, E, F>(
+        &mut self,
+        when: &'static str,
+        fut: F,
+    ) -> Result<T, SandboxError>
     where
         F: std::future::Future<Output = Result<T, E>>,
         E: Into<SandboxError>,
@@ -222,7 +230,6 @@ impl Sandbox {
             }),
         }
     }
-
 
     /// Stops the VM and removes every host-side trace of the sandbox.
     pub async fn teardown(mut self) {

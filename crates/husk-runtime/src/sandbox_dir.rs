@@ -58,10 +58,12 @@ impl SandboxDir {
                 path,
                 removed: false,
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(SandboxDirError::InUse {
-                id: id.to_string(),
-                path,
-            }),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(SandboxDirError::InUse {
+                    id: id.to_string(),
+                    path,
+                })
+            }
             Err(source) => Err(SandboxDirError::Create { path, source }),
         }
     }

@@ -165,7 +165,14 @@ mod tests {
     fn host_only_parts_are_dropped() {
         let g = guest_spec(&spec(S), "c1", Path::new("/b"), Path::new("/b/rootfs"));
         assert!(g.spec.hooks().is_none());
-        let nss = g.spec.linux().as_ref().unwrap().namespaces().as_ref().unwrap();
+        let nss = g
+            .spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .as_ref()
+            .unwrap();
         assert!(nss.iter().all(|n| n.path().is_none()));
         assert_eq!(nss.len(), 2);
     }

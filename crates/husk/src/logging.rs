@@ -33,7 +33,9 @@ pub fn init(opts: &GlobalOpts) -> anyhow::Result<()> {
                 .append(true)
                 .open(path)
                 .with_context(|| format!("cannot open log file {}", path.display()))?;
-            let b = builder.with_writer(std::sync::Mutex::new(file)).with_ansi(false);
+            let b = builder
+                .with_writer(std::sync::Mutex::new(file))
+                .with_ansi(false);
             match opts.log_format {
                 LogFormat::Json => b.json().init(),
                 LogFormat::Text => b.init(),

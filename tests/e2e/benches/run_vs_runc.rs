@@ -30,11 +30,17 @@ fn stats(mut v: Vec<f64>) -> Stats {
 }
 
 fn time(mut cmd: Command) -> f64 {
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let t = Instant::now();
     let out = cmd.output().expect("spawn");
     let ms = t.elapsed().as_secs_f64() * 1e3;
-    assert!(out.status.success(), "benchmark command failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "benchmark command failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     ms
 }
 
@@ -43,7 +49,9 @@ fn phases(log: &Path) -> Vec<(String, f64)> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let mut out = Vec::new();
     for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
         if v["target"] != "husk_timing" {
             continue;
         }
@@ -60,7 +68,10 @@ fn phases(log: &Path) -> Vec<(String, f64)> {
 
 fn main() {
     // `cargo bench` passes --bench; nothing else is accepted.
-    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
     let env = Env::new("bench");
     let bundle = Bundle::busybox(&["true"]);
     let logs = TempDir::new("bench-logs");
@@ -107,11 +118,18 @@ fn main() {
 
     let h = stats(husk_ms);
     let r = stats(runc_ms);
-    println!("husk run vs runc run of `true` (busybox bundle), {runs} runs each, same machine, same run");
+    println!(
+        "husk run vs runc run of `true` (busybox bundle), {runs} runs each, same machine, same run"
+    );
     println!("{:<28} {:>10} {:>10}", "", "median ms", "p90 ms");
     println!("{:<28} {:>10.1} {:>10.1}", "runc run", r.median, r.p90);
     println!("{:<28} {:>10.1} {:>10.1}", "husk run", h.median, h.p90);
-    println!("{:<28} {:>10.1} {:>10.1}", "ratio husk/runc", h.median / r.median, h.p90 / r.p90);
+    println!(
+        "{:<28} {:>10.1} {:>10.1}",
+        "ratio husk/runc",
+        h.median / r.median,
+        h.p90 / r.p90
+    );
     println!();
     println!("husk phases (median ms):");
     for (name, label) in [

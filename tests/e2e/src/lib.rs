@@ -19,14 +19,21 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root")
 }
 
 pub fn husk_bin() -> PathBuf {
     let p = std::env::var_os("HUSK_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target/release/husk"));
-    assert!(p.is_file(), "husk binary {} not found: run `make build` or set HUSK_BIN", p.display());
+    assert!(
+        p.is_file(),
+        "husk binary {} not found: run `make build` or set HUSK_BIN",
+        p.display()
+    );
     p
 }
 
@@ -35,18 +42,28 @@ pub fn guest_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target/guest"));
     for f in ["vmlinux", "vmlinux.release", "initrd.img"] {
-        assert!(d.join(f).is_file(), "{} not found: run `make guest` or set HUSK_GUEST_DIR", d.join(f).display());
+        assert!(
+            d.join(f).is_file(),
+            "{} not found: run `make guest` or set HUSK_GUEST_DIR",
+            d.join(f).display()
+        );
     }
     d
 }
 
 /// The guest kernel's release, as built.
 pub fn guest_release() -> String {
-    std::fs::read_to_string(guest_dir().join("vmlinux.release")).unwrap().trim().to_string()
+    std::fs::read_to_string(guest_dir().join("vmlinux.release"))
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 pub fn require_root() {
-    assert!(nix::unistd::geteuid().is_root(), "end-to-end tests need root (they boot VMs and mount): run them as root");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "end-to-end tests need root (they boot VMs and mount): run them as root"
+    );
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
@@ -85,7 +102,10 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         // Never cross into a mount that a failed test may have left.
         if !mounts_under(&self.0).is_empty() {
-            eprintln!("not removing {}: something is still mounted below it", self.0.display());
+            eprintln!(
+                "not removing {}: something is still mounted below it",
+                self.0.display()
+            );
             return;
         }
         let _ = std::fs::remove_dir_all(&self.0);
@@ -108,11 +128,15 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     let mut out = Vec::new();
     let me = std::process::id();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if pid == me {
             continue;
         }
-        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
         if cmd.contains(needle) {
             out.push((pid, cmd));
@@ -146,8 +170,14 @@ impl Env {
         let dir = TempDir::new(tag);
         let g = guest_dir();
         let mut hv = toml_edit::Table::new();
-        hv.insert("kernel", toml_edit::value(g.join("vmlinux").to_string_lossy().to_string()));
-        hv.insert("initrd", toml_edit::value(g.join("initrd.img").to_string_lossy().to_string()));
+        hv.insert(
+            "kernel",
+            toml_edit::value(g.join("vmlinux").to_string_lossy().to_string()),
+        );
+        hv.insert(
+            "initrd",
+            toml_edit::value(g.join("initrd.img").to_string_lossy().to_string()),
+        );
         let mut sfs = toml_edit::Table::new();
         sfs.insert(
             "kind",
@@ -174,7 +204,10 @@ impl Env {
     /// `husk --root <root> --config <config> ARGS...`
     pub fn husk(&self) -> Command {
         let mut c = Command::new(husk_bin());
-        c.arg("--root").arg(self.root()).arg("--config").arg(&self.config);
+        c.arg("--root")
+            .arg(self.root())
+            .arg("--config")
+            .arg(&self.config);
         c
     }
 
@@ -190,8 +223,14 @@ impl Env {
     /// entries in its state root.
     pub fn assert_no_leaks(&self) {
         let needle = self.dir.path().to_string_lossy().to_string();
-        let gone = wait_until(Duration::from_secs(10), || processes_mentioning(&needle).is_empty());
-        assert!(gone, "processes left behind: {:?}", processes_mentioning(&needle));
+        let gone = wait_until(Duration::from_secs(10), || {
+            processes_mentioning(&needle).is_empty()
+        });
+        assert!(
+            gone,
+            "processes left behind: {:?}",
+            processes_mentioning(&needle)
+        );
         let m = mounts_under(self.dir.path());
         assert!(m.is_empty(), "mounts left behind: {m:?}");
         let left: Vec<_> = std::fs::read_dir(self.root())
@@ -204,7 +243,9 @@ impl Env {
 /// Runs `cmd` with `input` on stdin and captures stdout/stderr, killing it
 /// after `timeout`.
 pub fn run_with_input(mut cmd: Command, input: &[u8], timeout: Duration) -> Output {
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn husk");
     let mut stdin = child.stdin.take().unwrap();
     let input = input.to_vec();
@@ -219,7 +260,10 @@ pub fn run_with_input(mut cmd: Command, input: &[u8], timeout: Duration) -> Outp
         out
     });
     if rx.recv_timeout(timeout).is_err() {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         panic!("husk did not finish within {timeout:?}");
     }
     let _ = writer.join();
@@ -241,7 +285,10 @@ impl Bundle {
             std::fs::create_dir_all(rootfs.join(d)).unwrap();
         }
         let bb = Path::new("/bin/busybox");
-        assert!(bb.is_file(), "/bin/busybox not found: install busybox-static (make setup)");
+        assert!(
+            bb.is_file(),
+            "/bin/busybox not found: install busybox-static (make setup)"
+        );
         std::fs::copy(bb, rootfs.join("bin/busybox")).unwrap();
         let list = Command::new(bb).arg("--list").output().unwrap();
         for name in String::from_utf8_lossy(&list.stdout).lines() {
@@ -290,7 +337,11 @@ impl Bundle {
 
     /// Writes `spec` to config.json (call after editing it).
     pub fn save(&self) {
-        std::fs::write(self.dir.path().join("config.json"), serde_json::to_vec_pretty(&self.spec).unwrap()).unwrap();
+        std::fs::write(
+            self.dir.path().join("config.json"),
+            serde_json::to_vec_pretty(&self.spec).unwrap(),
+        )
+        .unwrap();
     }
 }
 

@@ -15,7 +15,11 @@ fn assert_one_line_error(o: &std::process::Output, needle: &str) {
 #[test]
 fn root_missing_bundle() {
     let env = Env::new("nobundle");
-    let o = env.husk().args(["run", "--bundle", "/nonexistent/bundle", "x"]).output().unwrap();
+    let o = env
+        .husk()
+        .args(["run", "--bundle", "/nonexistent/bundle", "x"])
+        .output()
+        .unwrap();
     assert_one_line_error(&o, "/nonexistent/bundle");
     env.assert_no_leaks();
 }
@@ -25,7 +29,14 @@ fn root_malformed_config_json() {
     let env = Env::new("badjson");
     let b = Bundle::busybox(&["true"]);
     std::fs::write(b.dir().join("config.json"), "{ \"ociVersion\": ").unwrap();
-    let o = env.husk().arg("run").arg("--bundle").arg(b.dir()).arg("x").output().unwrap();
+    let o = env
+        .husk()
+        .arg("run")
+        .arg("--bundle")
+        .arg(b.dir())
+        .arg("x")
+        .output()
+        .unwrap();
     assert_one_line_error(&o, "config.json");
     env.assert_no_leaks();
 }
@@ -34,7 +45,14 @@ fn root_malformed_config_json() {
 fn root_invalid_id() {
     let env = Env::new("badid");
     let b = Bundle::busybox(&["true"]);
-    let o = env.husk().arg("run").arg("--bundle").arg(b.dir()).arg("../evil").output().unwrap();
+    let o = env
+        .husk()
+        .arg("run")
+        .arg("--bundle")
+        .arg(b.dir())
+        .arg("../evil")
+        .output()
+        .unwrap();
     assert_one_line_error(&o, "invalid");
     env.assert_no_leaks();
 }
@@ -45,7 +63,14 @@ fn root_missing_kernel() {
         t["hypervisor"]["kernel"] = toml_edit::value("/nonexistent/vmlinux");
     });
     let b = Bundle::busybox(&["true"]);
-    let o = env.husk().arg("run").arg("--bundle").arg(b.dir()).arg("x").output().unwrap();
+    let o = env
+        .husk()
+        .arg("run")
+        .arg("--bundle")
+        .arg(b.dir())
+        .arg("x")
+        .output()
+        .unwrap();
     assert_one_line_error(&o, "/nonexistent/vmlinux");
     env.assert_no_leaks();
 }
@@ -56,7 +81,14 @@ fn root_missing_qemu() {
         t["hypervisor"]["path"] = toml_edit::value("/nonexistent/qemu-system-x86_64");
     });
     let b = Bundle::busybox(&["true"]);
-    let o = env.husk().arg("run").arg("--bundle").arg(b.dir()).arg("x").output().unwrap();
+    let o = env
+        .husk()
+        .arg("run")
+        .arg("--bundle")
+        .arg(b.dir())
+        .arg("x")
+        .output()
+        .unwrap();
     assert_one_line_error(&o, "/nonexistent/qemu-system-x86_64");
     env.assert_no_leaks();
 }

@@ -44,7 +44,10 @@ fn vm_stdin_and_long_output() {
     let expected: String = (1..=n).map(|i| format!("{i}\n")).collect();
     assert!(expected.len() > 10_000_000);
     assert_eq!(o.stdout.len(), expected.len(), "output length");
-    assert!(o.stdout == expected.as_bytes(), "output differs from seq 1 {n}");
+    assert!(
+        o.stdout == expected.as_bytes(),
+        "output differs from seq 1 {n}"
+    );
     env.assert_no_leaks();
 }
 
@@ -65,23 +68,34 @@ fn vm_env_cwd_user_hostname_follow_the_spec() {
     let mut b = Bundle::busybox(&["sh", "-c", "echo $GREETING; pwd; id -u; id -g; hostname"]);
     std::fs::create_dir_all(b.rootfs().join("work")).unwrap();
     let p = &mut b.spec["process"];
-    p["env"].as_array_mut().unwrap().push("GREETING=hello from the spec".into());
+    p["env"]
+        .as_array_mut()
+        .unwrap()
+        .push("GREETING=hello from the spec".into());
     p["cwd"] = "/work".into();
     p["user"] = serde_json::json!({"uid": 1000, "gid": 1001});
     b.spec["hostname"] = "husk-test-host".into();
     b.save();
     let o = env.run(&b, "attrs", b"");
     assert_exit(&o, 0);
-    assert_eq!(stdout(&o), "hello from the spec\n/work\n1000\n1001\nhusk-test-host\n");
+    assert_eq!(
+        stdout(&o),
+        "hello from the spec\n/work\n1000\n1001\nhusk-test-host\n"
+    );
     env.assert_no_leaks();
 }
 
 fn rootfs_write_reaches_host(share: Share) {
     let env = Env::with("share", share, |_| {});
-    let b = Bundle::busybox(&["sh", "-c", "echo written-in-the-guest > /tmp/out.txt && uname -r >> /tmp/out.txt"]);
+    let b = Bundle::busybox(&[
+        "sh",
+        "-c",
+        "echo written-in-the-guest > /tmp/out.txt && uname -r >> /tmp/out.txt",
+    ]);
     let o = env.run(&b, "write", b"");
     assert_exit(&o, 0);
-    let text = std::fs::read_to_string(b.rootfs().join("tmp/out.txt")).expect("file written by the container");
+    let text = std::fs::read_to_string(b.rootfs().join("tmp/out.txt"))
+        .expect("file written by the container");
     assert_eq!(text, format!("written-in-the-guest\n{}\n", guest_release()));
     env.assert_no_leaks();
 }
@@ -109,23 +123,36 @@ fn vm_bind_mount_from_host() {
     let o = env.run(&b, "bind", b"");
     assert_exit(&o, 0);
     assert_eq!(stdout(&o), "from the host\n");
-    assert_eq!(std::fs::read_to_string(data.path().join("out.txt")).unwrap(), "back\n");
+    assert_eq!(
+        std::fs::read_to_string(data.path().join("out.txt")).unwrap(),
+        "back\n"
+    );
     env.assert_no_leaks();
 }
 
 #[test]
 fn vm_sigterm_to_husk_reaches_the_container() {
     let env = Env::new("sigterm");
-    let b = Bundle::busybox(&["sh", "-c", "trap 'echo got-term; exit 42' TERM; echo ready; while true; do sleep 0.1; done"]);
+    let b = Bundle::busybox(&[
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 42' TERM; echo ready; while true; do sleep 0.1; done",
+    ]);
     let mut c = env.husk();
     c.arg("run").arg("--bundle").arg(b.dir()).arg("sigterm");
-    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     let mut out = child.stdout.take().unwrap();
     let mut first = [0u8; 6];
     std::io::Read::read_exact(&mut out, &mut first).expect("container said ready");
     assert_eq!(&first, b"ready\n");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
     let status = child.wait().unwrap();
@@ -140,7 +167,9 @@ fn vm_killed_qemu_is_reported_and_cleaned_up() {
     let b = Bundle::busybox(&["sh", "-c", "echo ready; sleep 1000"]);
     let mut c = env.husk();
     c.arg("run").arg("--bundle").arg(b.dir()).arg("victim");
-    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     let mut out = child.stdout.take().unwrap();
     let mut first = [0u8; 6];
@@ -149,7 +178,11 @@ fn vm_killed_qemu_is_reported_and_cleaned_up() {
         .into_iter()
         .find(|(_, cmd)| cmd.contains("qemu-system"))
         .expect("the VM's qemu process");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu.0 as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu.0 as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let o = child.wait_with_output().unwrap();
     assert_ne!(o.status.code(), Some(0));
     let err = stderr(&o);
@@ -175,7 +208,11 @@ fn vm_exec_of_a_missing_binary_is_a_clear_error() {
     let b = Bundle::busybox(&["/no/such/binary"]);
     let o = env.run(&b, "noexec", b"");
     assert_ne!(o.status.code(), Some(0));
-    assert!(stderr(&o).contains("/no/such/binary"), "stderr: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/no/such/binary"),
+        "stderr: {}",
+        stderr(&o)
+    );
     env.assert_no_leaks();
 }
 

@@ -23,9 +23,9 @@ impl crate::Hypervisor for Qemu {
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, HypervisorError> {
         check_inputs(spec)?;
         let virtiofsd = match &spec.shared_fs {
-            SharedFs::Virtiofs { daemon, socket } => Some(
-                virtiofsd::start(daemon, &spec.share_dir, socket, &spec.hypervisor_log).await?,
-            ),
+            SharedFs::Virtiofs { daemon, socket } => {
+                Some(virtiofsd::start(daemon, &spec.share_dir, socket, &spec.hypervisor_log).await?)
+            }
             SharedFs::NineP => None,
         };
         let mut cmd = Command::new(&spec.qemu);
@@ -33,8 +33,14 @@ impl crate::Hypervisor for Qemu {
         tracing::debug!(args = ?cmdline::command_line(spec), "starting qemu");
         let mut child = process::spawn("qemu", cmd, &spec.hypervisor_log)?;
         for sock in [&spec.qmp_socket, &spec.agent_socket] {
-            process::wait_for_socket("qemu", &mut child, sock, &spec.hypervisor_log, SOCKET_TIMEOUT)
-                .await?;
+            process::wait_for_socket(
+                "qemu",
+                &mut child,
+                sock,
+                &spec.hypervisor_log,
+                SOCKET_TIMEOUT,
+            )
+            .await?;
         }
         let qmp = Qmp::connect(&spec.qmp_socket).await?;
         Ok(Box::new(QemuVm {

@@ -205,7 +205,10 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(parse_line("not json"), Err(QmpError::Parse { .. })));
+        assert!(matches!(
+            parse_line("not json"),
+            Err(QmpError::Parse { .. })
+        ));
         assert!(matches!(
             parse_line(r#"{"what": 1}"#),
             Err(QmpError::Unexpected { .. })

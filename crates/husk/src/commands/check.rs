@@ -7,7 +7,12 @@ pub fn check(cfg: &Config) -> anyhow::Result<u8> {
     let mut ok = true;
     for f in &findings {
         ok &= f.ok;
-        println!("{:<4} {:<13} {}", if f.ok { "ok" } else { "FAIL" }, f.item, f.detail);
+        println!(
+            "{:<4} {:<13} {}",
+            if f.ok { "ok" } else { "FAIL" },
+            f.item,
+            f.detail
+        );
     }
     if ok {
         println!("this host can run husk sandboxes");

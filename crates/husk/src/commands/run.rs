@@ -9,7 +9,8 @@ use crate::cli::{GlobalOpts, RunArgs};
 pub fn run(global: &GlobalOpts, cfg: &Config, args: RunArgs) -> anyhow::Result<u8> {
     // The sandbox's mounts live in a mount namespace of husk's own; enter it
     // while husk is still single-threaded.
-    mountns::enter_private().context("cannot create a private mount namespace (husk needs root)")?;
+    mountns::enter_private()
+        .context("cannot create a private mount namespace (husk needs root)")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
