@@ -1,0 +1,131 @@
+//! Forking a container's init: a raw `clone(2)` of the agent into new
+//! namespaces that immediately re-executes the agent binary.
+//!
+//! This is the only place where the agent forks. The agent is multi-threaded,
+//! so between `clone` and `execve` the child may only call async-signal-safe
+//! functions: it calls `dup2`, `prctl`, `execve` and `_exit` (each a bare
+//! system call) on data the parent prepared, and never allocates, locks or
+//! unwinds. Everything interesting happens after the exec, in the fresh
+//! single-threaded `husk-agent init` process (`container/init.rs`).
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sched::CloneFlags;
+use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+use nix::unistd::Pid;
+
+/// The lowest number the parent duplicates the child's descriptors to, so
+/// that no source can collide with a target (targets are 0..=5).
+const FIRST_STAGING_FD: RawFd = 16;
+
+/// What to start and how.
+pub struct CloneExec<'a> {
+    /// Namespaces to create (`CLONE_NEW*`); SIGCHLD is added here.
+    pub namespaces: CloneFlags,
+    /// Absolute path of the program to exec.
+    pub program: &'a CStr,
+    /// Its argv (argv[0] included).
+    pub argv: &'a [CString],
+    /// Descriptors the child gets: `(source in the parent, number in the child)`.
+    /// Everything else the agent has open is close-on-exec.
+    pub fds: Vec<(BorrowedFd<'a>, RawFd)>,
+    /// Signal the child gets when the thread that cloned it exits. Only for
+    /// the agent as a plain process, where it keeps containers from outliving
+    /// a killed agent; the cloning thread must live as long as the agent
+    /// (a tokio worker thread, never a blocking-pool thread).
+    pub parent_death_signal: Option<Signal>,
+}
+
+/// Clones and execs; returns the child's pid (in the agent's PID namespace).
+///
+/// Failures of `dup2` or `execve` in the child cannot be reported through
+/// memory; the child exits with 126 or 127 and the caller notices that its
+/// status pipe reached end-of-file without a message.
+pub fn clone_exec(req: &CloneExec<'_>) -> io::Result<Pid> {
+    let mut staged = Vec::with_capacity(req.fds.len());
+    for (source, target) in &req.fds {
+        // SAFETY: F_DUPFD_CLOEXEC on a borrowed (so open) descriptor returns a
+        // new descriptor or -1; it touches no memory.
+        let fd =
+            unsafe { libc::fcntl(source.as_raw_fd(), libc::F_DUPFD_CLOEXEC, FIRST_STAGING_FD) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created by fcntl above and has no other owner.
+        staged.push((unsafe { OwnedFd::from_raw_fd(fd) }, *target));
+    }
+    let pairs: Vec<(RawFd, RawFd)> = staged
+        .iter()
+        .map(|(fd, target)| (fd.as_raw_fd(), *target))
+        .collect();
+    let mut argv: Vec<*const libc::c_char> = req.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let death_signal = req.parent_death_signal.map_or(0, |s| s as libc::c_ulong);
+    let flags = req.namespaces.bits() as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
+
+    // Block every signal across the clone so that no handler of the agent
+    // (tokio's) runs in the child; the init stage unblocks them.
+    let mut saved = SigSet::empty();
+    pthread_sigmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut saved),
+    )?;
+    // SAFETY: clone without CLONE_VM and with a null stack behaves like fork:
+    // the child gets a copy-on-write copy of this thread's stack and memory.
+    // Its arguments are plain integers and null pointers.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if rc == 0 {
+        // SAFETY: we are the freshly cloned child; `pairs`, `argv` and `envp`
+        // are valid copies of the parent's prepared data, and `argv`/`envp`
+        // are null-terminated arrays of pointers to NUL-terminated strings
+        // that live as long as the copied `req`.
+        unsafe { exec_child(&pairs, death_signal, req.program.as_ptr(), &argv, &envp) }
+    }
+    let clone_error = io::Error::last_os_error();
+    let restored = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&saved), None);
+    drop(staged);
+    if rc < 0 {
+        return Err(clone_error);
+    }
+    restored?;
+    Ok(Pid::from_raw(rc as libc::pid_t))
+}
+
+/// The child between `clone` and `execve`: async-signal-safe calls only.
+///
+/// # Safety
+/// Must only be called in the child of a fork-style clone, with pointers as
+/// described in `clone_exec`.
+unsafe fn exec_child(
+    pairs: &[(RawFd, RawFd)],
+    death_signal: libc::c_ulong,
+    program: *const libc::c_char,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+) -> ! {
+    for &(source, target) in pairs {
+        // dup2 clears close-on-exec on `target`; the staged sources stay
+        // close-on-exec and vanish at execve.
+        if libc::dup2(source, target) < 0 {
+            libc::_exit(126);
+        }
+    }
+    if death_signal != 0 {
+        libc::prctl(libc::PR_SET_PDEATHSIG, death_signal, 0, 0, 0);
+    }
+    libc::execve(program, argv.as_ptr(), envp.as_ptr());
+    libc::_exit(127)
+}
