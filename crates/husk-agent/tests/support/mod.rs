@@ -1,0 +1,369 @@
+//! Helpers for running the agent as a plain process: a private temp dir, a
+//! busybox rootfs, OCI specs, the started agent with a ttrpc client, and the
+//! leak checks every test ends with.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_protocol::agent::{
+    ContainerRequest, CreateContainerRequest, ProcessRequest, ReadStreamRequest,
+    WaitProcessResponse,
+};
+use husk_protocol::agent_ttrpc::AgentClient;
+use serde_json::{json, Value};
+
+/// Applets linked into every test rootfs.
+pub const APPLETS: &[&str] = &[
+    "sh", "cat", "echo", "id", "hostname", "uname", "pwd", "env", "sleep", "ls", "dd", "true",
+    "false", "seq", "test", "tty", "stty", "touch", "mount", "head", "wc", "grep",
+];
+
+/// Per-call deadline, so a hung agent fails a test instead of hanging it.
+pub fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_duration(Duration::from_secs(30))
+}
+
+/// Fails the test with a clear message unless it runs as root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the agent-as-a-process tests need root (namespaces, mounts): run `cargo test` as root"
+    );
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A temp dir removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "husk-agent-{name}-{}-{:?}",
+            std::process::id(),
+            Instant::now()
+        ));
+        let path = PathBuf::from(path.to_string_lossy().replace(
+            |c: char| !c.is_ascii_alphanumeric() && c != '/' && c != '-',
+            "_",
+        ));
+        fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Builds a busybox rootfs at `dir/rootfs`.
+pub fn busybox_rootfs(dir: &Path) -> PathBuf {
+    let rootfs = dir.join("rootfs");
+    for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
+        fs::create_dir_all(rootfs.join(sub)).unwrap();
+    }
+    fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+        .expect("copying /bin/busybox (install busybox-static)");
+    for applet in APPLETS {
+        symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    rootfs
+}
+
+/// A runc-like spec (the mounts and masks of `runc spec`) running `args`.
+pub fn spec(rootfs: &Path, args: &[&str]) -> Value {
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+            "cwd": "/",
+            "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"]},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": rootfs, "readonly": false},
+        "hostname": "husk",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
+        ],
+        "linux": {
+            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                           {"type": "uts"}, {"type": "mount"}],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+        }
+    })
+}
+
+/// The mount points under `dir` visible in the test's mount namespace.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let prefix = dir.to_string_lossy().into_owned();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|mp| mp.starts_with(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Direct children of `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...; comm may contain spaces, so split after ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            children.push(child);
+        }
+    }
+    children
+}
+
+/// The agent binary serving on a unix socket in a temp dir.
+pub struct Agent {
+    pub dir: TempDir,
+    pub client: AgentClient,
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent and connects to it.
+    pub async fn start() -> Agent {
+        require_root();
+        let dir = TempDir::new("agent");
+        let socket = dir.0.join("agent.sock");
+        let log = dir.0.join("agent.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_husk-agent"))
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .env("HUSK_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting husk-agent");
+        wait_until("the agent socket", Duration::from_secs(10), || {
+            socket.exists()
+        });
+        let address = format!("unix://{}", socket.display());
+        let client = ttrpc::r#async::Client::connect(&address)
+            .await
+            .expect("connecting to the agent");
+        Agent {
+            dir,
+            client: AgentClient::new(client),
+            child,
+            socket,
+            log,
+        }
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A fresh busybox rootfs in its own directory.
+    pub fn rootfs(&self, name: &str) -> PathBuf {
+        let dir = self.dir.0.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        busybox_rootfs(&dir)
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// CreateContainer with no storages.
+    pub async fn create(&self, id: &str, spec: &Value) -> ttrpc::Result<()> {
+        self.create_raw(id, spec.to_string().into_bytes()).await
+    }
+
+    /// CreateContainer with arbitrary spec bytes.
+    pub async fn create_raw(&self, id: &str, spec: Vec<u8>) -> ttrpc::Result<()> {
+        let request = CreateContainerRequest {
+            container_id: id.to_string(),
+            oci_spec_json: spec,
+            ..Default::default()
+        };
+        self.client
+            .create_container(ctx(), &request)
+            .await
+            .map(drop)
+    }
+
+    /// StartContainer.
+    pub async fn start_container(&self, id: &str) -> ttrpc::Result<()> {
+        let request = ContainerRequest {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        self.client.start_container(ctx(), &request).await.map(drop)
+    }
+
+    /// Create and start.
+    pub async fn run(&self, id: &str, spec: &Value) {
+        self.create(id, spec).await.expect("CreateContainer");
+        self.start_container(id).await.expect("StartContainer");
+    }
+
+    /// WaitProcess of the init.
+    pub async fn wait(&self, id: &str) -> ttrpc::Result<WaitProcessResponse> {
+        self.client.wait_process(ctx(), &process(id)).await
+    }
+
+    /// Reads stdout (or stderr) to end-of-file.
+    pub async fn read_all(&self, id: &str, stderr: bool) -> Vec<u8> {
+        let mut all = Vec::new();
+        loop {
+            let request = ReadStreamRequest {
+                container_id: id.to_string(),
+                max_len: husk_protocol::MAX_CHUNK,
+                ..Default::default()
+            };
+            let reply = if stderr {
+                self.client.read_stderr(ctx(), &request).await
+            } else {
+                self.client.read_stdout(ctx(), &request).await
+            }
+            .expect("Read*");
+            if reply.data.is_empty() {
+                return all;
+            }
+            assert!(reply.data.len() <= husk_protocol::MAX_CHUNK as usize);
+            all.extend(reply.data);
+        }
+    }
+
+    /// Runs `spec` to completion: (stdout, stderr, status).
+    pub async fn run_to_end(
+        &self,
+        id: &str,
+        spec: &Value,
+    ) -> (String, String, WaitProcessResponse) {
+        self.run(id, spec).await;
+        let (out, err) = tokio::join!(self.read_all(id, false), self.read_all(id, true));
+        let status = self.wait(id).await.expect("WaitProcess");
+        (
+            String::from_utf8_lossy(&out).into_owned(),
+            String::from_utf8_lossy(&err).into_owned(),
+            status,
+        )
+    }
+
+    /// Stops the agent with SIGTERM and checks it left nothing behind: it
+    /// exits 0, its children are gone, and no mount remains under its dir.
+    pub fn stop(mut self) {
+        let children = children_of(self.pid());
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "the agent exited with {status}; log:\n{}",
+            self.log()
+        );
+        self.check_no_leaks(&children);
+    }
+
+    /// Asserts that `children` are gone and no mount remains under the dir.
+    pub fn check_no_leaks(&self, children: &[u32]) {
+        wait_until(
+            "the agent's children to exit",
+            Duration::from_secs(10),
+            || {
+                children
+                    .iter()
+                    .all(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+            },
+        );
+        assert_eq!(
+            mounts_under(&self.dir.0),
+            Vec::<String>::new(),
+            "mounts leaked"
+        );
+        assert!(!self.socket.exists(), "the agent left its socket behind");
+    }
+
+    /// Waits for the agent to exit by itself (after Shutdown).
+    pub fn wait_exit(mut self, children: &[u32]) {
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "the agent exited with {status}; log:\n{}",
+            self.log()
+        );
+        self.check_no_leaks(children);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("HUSK_TEST_SHOW_LOG").is_some() {
+            eprintln!("---- agent log ----\n{}", self.log());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A request naming a container's init.
+pub fn process(id: &str) -> ProcessRequest {
+    ProcessRequest {
+        container_id: id.to_string(),
+        ..Default::default()
+    }
+}
+
+/// The status code and message of a failed call.
+pub fn status_of(error: ttrpc::Error) -> (ttrpc::Code, String) {
+    match error {
+        ttrpc::Error::RpcStatus(status) => (status.code(), status.message().to_string()),
+        other => panic!("expected an error status, got {other:?}"),
+    }
+}
