@@ -174,7 +174,11 @@ impl Agent {
         let dir = TempDir::new("agent");
         let socket = dir.0.join("agent.sock");
         let log = dir.0.join("agent.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_husk-agent"))
+        // HUSK_AGENT_BIN runs the suite against another build (the static one).
+        let binary = std::env::var_os("HUSK_AGENT_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_husk-agent")));
+        let child = Command::new(binary)
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
             .env("HUSK_LOG", "debug")
