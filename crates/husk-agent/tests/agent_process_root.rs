@@ -248,7 +248,8 @@ async fn root_env_cwd_user_and_hostname_follow_the_spec() {
         &[
             "sh",
             "-c",
-            "env; echo cwd=$(pwd); id; echo host=$(hostname)",
+            "env; echo cwd=$(pwd); id; echo host=$(hostname); \
+             echo modes=$(stat -c %a /work/dir) $(stat -c %a /dev/null)",
         ],
     );
     spec["process"]["env"] = json!(["PATH=/bin", "FOO=bar baz"]);
@@ -266,6 +267,8 @@ async fn root_env_cwd_user_and_hostname_follow_the_spec() {
     );
     assert!(lines.contains(&"cwd=/work/dir"), "{out}");
     assert!(lines.contains(&"host=husk-test"), "{out}");
+    // The working directory is created 0755; devices keep their mode.
+    assert!(lines.contains(&"modes=755 666"), "{out}");
     let id = lines
         .iter()
         .find(|l| l.starts_with("uid="))

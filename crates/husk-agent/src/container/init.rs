@@ -16,6 +16,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -156,7 +157,8 @@ fn run(reporter: &Reporter) -> Result<Infallible, InitError> {
     step(sys::set_cloexec(start.as_fd(), true), || {
         "marking the start pipe close-on-exec".to_string()
     })?;
-    umask(Mode::empty());
+    // Mount points and the working directory are created 0755, like runc.
+    umask(Mode::from_bits_truncate(0o022));
 
     step(unistd::setsid(), || "creating a session".to_string())?;
     if config.process.terminal {
@@ -321,14 +323,21 @@ fn create_device(rootfs: &Path, device: &DeviceEntry) -> Result<(), InitError> {
         makedev(device.major, device.minor),
     );
     match made {
-        Ok(()) => step(
-            unistd::chown(
-                &path,
-                Some(Uid::from_raw(device.uid)),
-                Some(Gid::from_raw(device.gid)),
-            ),
-            || format!("changing the owner of {}", device.path.display()),
-        ),
+        Ok(()) => {
+            // mknod applied the umask; the spec's mode is exact.
+            step(
+                fs::set_permissions(&path, fs::Permissions::from_mode(device.mode)),
+                || format!("setting the mode of {}", device.path.display()),
+            )?;
+            step(
+                unistd::chown(
+                    &path,
+                    Some(Uid::from_raw(device.uid)),
+                    Some(Gid::from_raw(device.gid)),
+                ),
+                || format!("changing the owner of {}", device.path.display()),
+            )
+        }
         Err(Errno::EPERM) => {
             step(ensure_file(&path), || {
                 format!("creating {}", device.path.display())

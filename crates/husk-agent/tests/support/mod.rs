@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 /// Applets linked into every test rootfs.
 pub const APPLETS: &[&str] = &[
     "sh", "cat", "echo", "id", "hostname", "uname", "pwd", "env", "sleep", "ls", "dd", "true",
-    "false", "seq", "test", "tty", "stty", "touch", "mount", "head", "wc", "grep",
+    "false", "seq", "test", "tty", "stty", "touch", "mount", "head", "wc", "grep", "stat", "tr",
 ];
 
 /// Per-call deadline, so a hung agent fails a test instead of hanging it.
@@ -125,13 +125,13 @@ pub fn spec(rootfs: &Path, args: &[&str]) -> Value {
     })
 }
 
-/// The mount points under `dir` visible in the test's mount namespace.
+/// The mounts of the test's mount namespace that mention `dir` anywhere
+/// (as mount point, as bound root, as source).
 pub fn mounts_under(dir: &Path) -> Vec<String> {
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let prefix = dir.to_string_lossy().into_owned();
+    let dir = dir.to_string_lossy().into_owned();
     info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|mp| mp.starts_with(&prefix))
+        .filter(|line| line.contains(&dir))
         .map(str::to_string)
         .collect()
 }
