@@ -43,6 +43,11 @@ pub trait HostProbe {
     fn kvm_device_usable(&self) -> bool;
     /// The `flags` line(s) of `/proc/cpuinfo`.
     fn cpu_flags(&self) -> String;
+    /// The host's TSC frequency in kHz, when the host kernel knows it
+    /// exactly (`tsc_known_freq`); see [`tcg_clock_params`].
+    fn tsc_khz(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The real host.
@@ -64,6 +69,42 @@ impl HostProbe for SystemProbe {
             .filter(|l| l.starts_with("flags"))
             .take(1)
             .collect()
+    }
+
+    fn tsc_khz(&self) -> Option<u64> {
+        tsc_khz_from_cpuinfo(&std::fs::read_to_string("/proc/cpuinfo").ok()?)
+    }
+}
+
+/// The TSC frequency from `/proc/cpuinfo` text: `cpu MHz` of the first CPU,
+/// trusted only with the `tsc_known_freq` and `constant_tsc` flags.
+pub fn tsc_khz_from_cpuinfo(cpuinfo: &str) -> Option<u64> {
+    let flags = cpuinfo.lines().find(|l| l.starts_with("flags"))?;
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    if !(has("tsc_known_freq") && has("constant_tsc")) {
+        return None;
+    }
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    let khz = (mhz * 1000.0).round() as u64;
+    (khz > 0).then_some(khz)
+}
+
+/// Guest kernel parameters for a TCG guest. Under TCG the guest's TSC is the
+/// host's, but the guest cannot calibrate it and falls back to a 10 ms
+/// jiffies clock; telling it the frequency gives it the `tsc` clocksource
+/// (accurate sleeps, about 0.1 s faster boot). Empty for KVM or when the
+/// host's TSC frequency is not known exactly.
+pub fn tcg_clock_params(accel: Accel, tsc_khz: Option<u64>) -> Vec<String> {
+    match (accel, tsc_khz) {
+        (Accel::Tcg, Some(khz)) => vec![format!("tsc_early_khz={khz}"), "tsc=reliable".into()],
+        _ => Vec::new(),
     }
 }
 
@@ -180,6 +221,20 @@ mod tests {
             },
         );
         assert_eq!(c.accel, Accel::Tcg);
+    }
+
+    #[test]
+    fn tsc_frequency_needs_known_freq() {
+        let good = "cpu MHz\t\t: 2599.998\nflags\t\t: fpu constant_tsc tsc_known_freq\n";
+        assert_eq!(tsc_khz_from_cpuinfo(good), Some(2_599_998));
+        let unknown = "cpu MHz\t\t: 2599.998\nflags\t\t: fpu constant_tsc\n";
+        assert_eq!(tsc_khz_from_cpuinfo(unknown), None);
+        assert_eq!(
+            tcg_clock_params(Accel::Tcg, Some(2_599_998)),
+            vec!["tsc_early_khz=2599998".to_string(), "tsc=reliable".to_string()]
+        );
+        assert!(tcg_clock_params(Accel::Kvm, Some(2_599_998)).is_empty());
+        assert!(tcg_clock_params(Accel::Tcg, None).is_empty());
     }
 
     #[test]

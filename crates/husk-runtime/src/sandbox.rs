@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use husk_hypervisor::accel::{self, SystemProbe};
+use husk_hypervisor::accel::{self, HostProbe, SystemProbe};
 use husk_hypervisor::{Hypervisor, HypervisorError, SharedFs, Vm, VmExit, VmSpec};
 use husk_protocol::agent::Storage;
 use husk_protocol::{AGENT_PORT_NAME, GUEST_SHARE_DIR, KERNEL_LOG_PARAM, SHARE_TAG};
@@ -104,6 +104,7 @@ impl Sandbox {
             },
         };
         let mut kernel_params = vec![format!("{KERNEL_LOG_PARAM}={agent_log}")];
+        kernel_params.extend(accel::tcg_clock_params(choice.accel, SystemProbe.tsc_khz()));
         kernel_params.extend(cfg.hypervisor.kernel_params.iter().cloned());
         let spec = VmSpec {
             name: id.to_string(),
