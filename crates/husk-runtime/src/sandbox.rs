@@ -84,7 +84,8 @@ impl Sandbox {
         let share = Share::create(&dir.share())?;
         let choice = accel::choose(cfg.hypervisor.accel, &SystemProbe);
         if let Some(n) = &choice.notice {
-            tracing::warn!("{n}");
+            // Quiet by default, like runc; `husk check` always shows it.
+            tracing::info!("{n}");
         }
         let shared_fs = match cfg.shared_fs.kind {
             SharedFsKind::NineP => SharedFs::NineP,

@@ -102,6 +102,8 @@ impl SandboxDir {
             self.agent_socket(),
             self.qmp_socket(),
             self.virtiofsd_socket(),
+            // virtiofsd writes `<socket>.pid` beside its socket.
+            self.path.join("virtiofsd.sock.pid"),
             self.console_log(),
             self.hypervisor_log(),
         ] {

@@ -38,17 +38,42 @@ pub struct Share {
 }
 
 impl Share {
-    /// Creates the (empty) share directory.
+    /// Creates the (empty) share directory and makes it a shared mount
+    /// point: virtiofsd serves it from a mount namespace of its own, copied
+    /// when it starts, and binds made later (containers created into a
+    /// running sandbox) must propagate there.
     pub fn create(dir: &Path) -> Result<Share, ShareError> {
         fs::create_dir_all(dir).map_err(|source| ShareError::MountPoint {
             path: dir.to_path_buf(),
             source,
         })?;
-        Ok(Share {
+        let mut share = Share {
             dir: dir.to_path_buf(),
             mounted: Vec::new(),
             created: vec![dir.to_path_buf()],
-        })
+        };
+        let bind_err = |errno| ShareError::Bind {
+            source_path: dir.to_path_buf(),
+            errno,
+        };
+        mount(
+            Some(dir),
+            dir,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(bind_err)?;
+        share.mounted.push(dir.to_path_buf());
+        mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .map_err(bind_err)?;
+        Ok(share)
     }
 
     pub fn dir(&self) -> &Path {
