@@ -5,16 +5,24 @@
 //! A virtio-serial port is not a socket: there is one "connection", the
 //! character device, and it can be opened by one process at a time. When the
 //! host side goes away, reads return end-of-file and ttrpc drops the
-//! connection; the listener then reopens the port and yields it again once
-//! the host is back. While no host is connected the port polls as hung up,
-//! which the listener checks (with a short backoff) before yielding it.
+//! connection; the listener then yields the port again once the host is
+//! back. While no host is connected the port polls as hung up, which the
+//! listener checks (with a short backoff) before yielding it.
+//!
+//! The port stays open between connections: closing it makes the kernel
+//! discard whatever the host already sent, and a host that reconnects at once
+//! may already have sent its first request. It is reopened only after an
+//! I/O error.
 
+use std::fs::File;
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -71,102 +79,158 @@ impl Default for PortLocation {
     }
 }
 
-/// One open of the port; dropping it (ttrpc does when the connection ends)
-/// tells the listener to reopen.
-struct PortConnection {
+/// The open port, shared by successive connections.
+struct Port {
     io: FdIo,
+    /// Set on an I/O error: the next connection reopens the device.
+    broken: AtomicBool,
+}
+
+impl Port {
+    fn check<T>(&self, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if let Poll::Ready(Err(e)) = &result {
+            tracing::warn!("agent port I/O failed: {e}");
+            self.broken.store(true, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+/// One connection over the port; dropping it (ttrpc does when the
+/// connection ends) lets the listener yield the next one.
+struct PortConnection {
+    port: Arc<Port>,
     _closed: oneshot::Sender<()>,
 }
 
 impl AsyncRead for PortConnection {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        self.port.check(self.port.io.poll_read_ref(cx, buf))
     }
 }
 
 impl AsyncWrite for PortConnection {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, data)
+        self.port.check(self.port.io.poll_write_ref(cx, data))
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 
 /// Whether the host end of an open port is connected (no POLLHUP).
-fn host_connected(port: &OwnedFd) -> io::Result<bool> {
+fn host_connected(port: &File) -> io::Result<bool> {
     let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLIN)];
     poll(&mut fds, PollTimeout::ZERO)?;
     let revents = fds[0].revents().unwrap_or(PollFlags::empty());
     Ok(!revents.contains(PollFlags::POLLHUP))
 }
 
-/// Opens the port once it exists and the host is connected. Never fails:
-/// problems are logged and retried, since the agent has nothing else to do.
-async fn open_port(location: &PortLocation) -> FdIo {
-    let mut backoff = Duration::from_millis(1);
-    let mut said = None::<String>;
-    let mut open: Option<OwnedFd> = None;
-    loop {
-        let state = match &open {
-            None => match find_port(&location.sysfs, &location.name) {
-                Ok(Some(device)) => {
-                    let path = location.dev.join(&device);
-                    match OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
-                        .open(&path)
-                    {
-                        Ok(file) => {
-                            open = Some(file.into());
-                            tracing::debug!(port = %path.display(), "opened the agent port");
-                            continue;
-                        }
-                        Err(e) => format!("cannot open {}: {e}", path.display()),
-                    }
-                }
-                Ok(None) => format!(
-                    "waiting for the virtio-serial port {:?} to appear in {}",
-                    location.name,
-                    location.sysfs.display()
-                ),
-                Err(e) => format!("cannot list {}: {e}", location.sysfs.display()),
-            },
-            Some(port) => match host_connected(port) {
-                Ok(true) => {
-                    let port = open.take().expect("checked above");
-                    match FdIo::new(port) {
-                        Ok(io) => return io,
-                        Err(e) => format!("cannot watch the agent port: {e}"),
-                    }
-                }
-                Ok(false) => "waiting for the host to connect to the agent port".to_string(),
-                Err(e) => {
-                    open = None;
-                    format!("cannot poll the agent port: {e}")
-                }
-            },
-        };
-        if said.as_deref() != Some(state.as_str()) {
-            tracing::info!("{state}");
-            said = Some(state);
+/// Logs each distinct waiting state once and sleeps with a growing backoff.
+struct Waiting {
+    backoff: Duration,
+    said: Option<String>,
+}
+
+impl Waiting {
+    fn new() -> Self {
+        Self {
+            backoff: Duration::from_millis(1),
+            said: None,
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+
+    async fn wait(&mut self, state: String) {
+        if self.said.as_deref() != Some(state.as_str()) {
+            tracing::info!("{state}");
+            self.said = Some(state);
+        }
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Opens the port once it exists. Never fails: problems are logged and
+/// retried, since the agent has nothing else to do.
+async fn open_port(location: &PortLocation) -> FdIo {
+    let mut waiting = Waiting::new();
+    loop {
+        let state = match find_port(&location.sysfs, &location.name) {
+            Ok(Some(device)) => {
+                let path = location.dev.join(&device);
+                let opened = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
+                    .open(&path)
+                    .and_then(|file| FdIo::new(OwnedFd::from(file)));
+                match opened {
+                    Ok(io) => {
+                        tracing::debug!(port = %path.display(), "opened the agent port");
+                        return io;
+                    }
+                    Err(e) => format!("cannot open {}: {e}", path.display()),
+                }
+            }
+            Ok(None) => format!(
+                "waiting for the virtio-serial port {:?} to appear in {}",
+                location.name,
+                location.sysfs.display()
+            ),
+            Err(e) => format!("cannot list {}: {e}", location.sysfs.display()),
+        };
+        waiting.wait(state).await;
+    }
+}
+
+/// Waits until the host is connected to `port`; false if polling failed
+/// (the port must be reopened).
+async fn wait_for_host(port: &FdIo) -> bool {
+    let mut waiting = Waiting::new();
+    loop {
+        match host_connected(port.file()) {
+            Ok(true) => return true,
+            Ok(false) => {
+                waiting
+                    .wait("waiting for the host to connect to the agent port".to_string())
+                    .await
+            }
+            Err(e) => {
+                tracing::warn!("cannot poll the agent port: {e}");
+                return false;
+            }
+        }
+    }
+}
+
+/// The port, opened (or reopened after an error) and with the host connected.
+async fn connected_port(location: &PortLocation, cached: Option<Arc<Port>>) -> Arc<Port> {
+    let mut port = cached.filter(|p| !p.broken.load(Ordering::Relaxed));
+    loop {
+        let current = match port.take() {
+            Some(p) => p,
+            None => Arc::new(Port {
+                io: open_port(location).await,
+                broken: AtomicBool::new(false),
+            }),
+        };
+        if wait_for_host(&current.io).await {
+            return current;
+        }
+        // Dropped here: the next round opens the device again.
     }
 }
 
@@ -193,17 +257,26 @@ where
 }
 
 /// A ttrpc listener over the agent port: yields the port, waits until that
-/// connection ends, and yields it again.
+/// connection ends, and yields it again once the host is connected.
 pub fn port_listener(location: PortLocation) -> Listener {
+    let cached: Arc<std::sync::Mutex<Option<Arc<Port>>>> = Arc::default();
     let connections = one_at_a_time(move || {
         let location = location.clone();
+        let cached = Arc::clone(&cached);
         async move {
-            let io = open_port(&location).await;
+            let previous = cached.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let port = connected_port(&location, previous).await;
+            *cached.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&port));
             tracing::info!("serving the agent API on the virtio-serial port");
-            io
+            port
         }
     })
-    .map(|(io, guard)| Ok::<_, io::Error>(PortConnection { io, _closed: guard }));
+    .map(|(port, guard)| {
+        Ok::<_, io::Error>(PortConnection {
+            port,
+            _closed: guard,
+        })
+    });
     Listener::new(connections)
 }
 

@@ -46,22 +46,23 @@ impl FdIo {
     }
 }
 
-impl AsyncRead for FdIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
+impl FdIo {
+    /// `poll_read` through a shared reference (the descriptor may be shared
+    /// by successive users, like the agent port).
+    pub fn poll_read_ref(
+        &self,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
         loop {
-            let mut guard = ready!(this.inner.poll_read_ready(cx))?;
+            let mut guard = ready!(self.inner.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
             match guard.try_io(|inner| inner.get_ref().read(unfilled)) {
                 Ok(Ok(n)) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                Ok(Err(e)) if this.eio_is_eof && e.raw_os_error() == Some(libc::EIO) => {
+                Ok(Err(e)) if self.eio_is_eof && e.raw_os_error() == Some(libc::EIO) => {
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -69,6 +70,33 @@ impl AsyncRead for FdIo {
                 Err(_would_block) => continue,
             }
         }
+    }
+
+    /// `poll_write` through a shared reference.
+    pub fn poll_write_ref(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.inner.poll_write_ready(cx))?;
+            match guard.try_io(|inner| inner.get_ref().write(data)) {
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(result) => return Poll::Ready(result),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// The descriptor.
+    pub fn file(&self) -> &File {
+        self.inner.get_ref()
+    }
+}
+
+impl AsyncRead for FdIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.get_mut().poll_read_ref(cx, buf)
     }
 }
 
@@ -78,15 +106,7 @@ impl AsyncWrite for FdIo {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        loop {
-            let mut guard = ready!(this.inner.poll_write_ready(cx))?;
-            match guard.try_io(|inner| inner.get_ref().write(data)) {
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Ok(result) => return Poll::Ready(result),
-                Err(_would_block) => continue,
-            }
-        }
+        self.get_mut().poll_write_ref(cx, data)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
