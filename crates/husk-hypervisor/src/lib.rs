@@ -38,7 +38,7 @@ pub enum HypervisorError {
         path: PathBuf,
         key: &'static str,
     },
-    #[error("failed to start {what}: {source}")]
+    #[error("failed to start {what}")]
     Spawn {
         what: &'static str,
         #[source]
@@ -57,9 +57,9 @@ pub enum HypervisorError {
         path: PathBuf,
         timeout: Duration,
     },
-    #[error("QMP: {0}")]
+    #[error("QMP")]
     Qmp(#[from] qemu::qmp::QmpError),
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         #[source]

@@ -95,9 +95,20 @@ impl AgentClient {
     /// Connects to the agent channel's host end (a unix socket served by the
     /// hypervisor). The guest may still be booting; see [`Self::handshake`].
     pub async fn connect(socket: &Path) -> Result<AgentClient, AgentError> {
-        let stream = tokio::net::UnixStream::connect(socket)
-            .await
-            .map_err(|e| AgentError::Unavailable(format!("{}: {e}", socket.display())))?;
+        // The hypervisor creates the socket a moment before it listens.
+        let mut tries = 0;
+        let stream = loop {
+            match tokio::net::UnixStream::connect(socket).await {
+                Ok(s) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 500 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err(e) => {
+                    return Err(AgentError::Unavailable(format!("{}: {e}", socket.display())))
+                }
+            }
+        };
         let client = ttrpc::r#async::Client::new(Socket::new(stream));
         Ok(AgentClient {
             raw: RawClient::new(client),

@@ -16,7 +16,7 @@ pub const DEFAULT_GUEST_DIR: &str = "/usr/local/share/husk";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         #[source]

@@ -36,7 +36,7 @@ pub enum SandboxError {
         when: &'static str,
         console: String,
     },
-    #[error("cannot encode the guest spec: {0}")]
+    #[error("cannot encode the guest spec")]
     Encode(#[from] serde_json::Error),
 }
 
@@ -223,14 +223,26 @@ impl Sandbox {
         F: std::future::Future<Output = Result<T, E>>,
         E: Into<SandboxError>,
     {
-        tokio::select! {
+        let r = tokio::select! {
             r = fut => r.map_err(Into::into),
             exit = self.vm.wait() => Err(SandboxError::VmDied {
                 exit,
                 when,
                 console: console_tail(&self.dir),
             }),
+        };
+        // A VM that dies breaks the agent connection, and that may be seen
+        // first: name the cause, not the symptom.
+        if let Err(SandboxError::Agent(AgentError::Unavailable(_))) = &r {
+            if let Ok(exit) = tokio::time::timeout(Duration::from_secs(2), self.vm.wait()).await {
+                return Err(SandboxError::VmDied {
+                    exit,
+                    when,
+                    console: console_tail(&self.dir),
+                });
+            }
         }
+        r
     }
 
     /// Stops the VM and removes every host-side trace of the sandbox.

@@ -14,7 +14,7 @@ pub enum SandboxDirError {
     InvalidId(String),
     #[error("container {id} already exists ({path}): pick another id or `husk delete` it")]
     InUse { id: String, path: PathBuf },
-    #[error("cannot create {path}: {source}")]
+    #[error("cannot create {path}")]
     Create {
         path: PathBuf,
         #[source]

@@ -14,7 +14,7 @@ use crate::translate::ShareBind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShareError {
-    #[error("cannot create mount point {path}: {source}")]
+    #[error("cannot create mount point {path}")]
     MountPoint {
         path: PathBuf,
         #[source]

@@ -12,17 +12,17 @@ use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
-    #[error("cannot connect to {path}: {source}")]
+    #[error("cannot connect to {path}")]
     Connect {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("connection lost: {0}")]
+    #[error("connection lost")]
     Io(#[from] std::io::Error),
     #[error("QEMU closed the QMP connection")]
     Closed,
-    #[error("unparsable reply {line:?}: {source}")]
+    #[error("unparsable reply {line:?}")]
     Parse {
         line: String,
         #[source]
@@ -90,13 +90,25 @@ pub struct Qmp {
 
 impl Qmp {
     /// Connects, reads the greeting and leaves capability negotiation mode.
+    /// QEMU creates the socket file a moment before it listens on it, so a
+    /// refused connection is retried for up to a second.
     pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| QmpError::Connect {
-                path: path.display().to_string(),
-                source,
-            })?;
+        let mut tries = 0;
+        let stream = loop {
+            match UnixStream::connect(path).await {
+                Ok(s) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 500 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+                Err(source) => {
+                    return Err(QmpError::Connect {
+                        path: path.display().to_string(),
+                        source,
+                    })
+                }
+            }
+        };
         let (r, w) = stream.into_split();
         let mut qmp = Qmp {
             reader: BufReader::new(r),
