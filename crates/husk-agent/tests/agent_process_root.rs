@@ -564,3 +564,70 @@ async fn root_shutdown_ends_the_agent_and_its_containers() {
         .unwrap();
     agent.wait_exit(&children);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn root_orphans_are_reaped() {
+    let agent = Agent::start().await;
+    let rootfs = agent.rootfs("orphans");
+    let (_, _, status) = agent
+        .run_to_end(
+            "orphans",
+            &spec(&rootfs, &["sh", "-c", "sleep 1000 & sleep 1000 & exit 5"]),
+        )
+        .await;
+    assert_eq!(status.exit_status, 5);
+    // The background sleeps die with their PID namespace and nothing stays
+    // behind as a zombie of the agent.
+    support::wait_until(
+        "the agent to have no children",
+        Duration::from_secs(10),
+        || support::children_of(agent.pid()).is_empty(),
+    );
+    agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn root_many_containers_at_once() {
+    let agent = std::sync::Arc::new(Agent::start().await);
+    let mut tasks = Vec::new();
+    for n in 0..6 {
+        let agent = std::sync::Arc::clone(&agent);
+        tasks.push(tokio::spawn(async move {
+            let id = format!("many-{n}");
+            let rootfs = agent.rootfs(&id);
+            let script = format!("echo container {n}; exit {n}");
+            let (out, _, status) = agent
+                .run_to_end(&id, &spec(&rootfs, &["sh", "-c", &script]))
+                .await;
+            assert_eq!(out, format!("container {n}\n"));
+            assert_eq!(status.exit_status, n);
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let agent = std::sync::Arc::into_inner(agent).unwrap();
+    agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn root_killed_before_start_fails_start() {
+    let agent = Agent::start().await;
+    let rootfs = agent.rootfs("early");
+    agent
+        .create("early", &spec(&rootfs, &["echo", "never"]))
+        .await
+        .unwrap();
+    let request = SignalProcessRequest {
+        container_id: "early".into(),
+        signal: 9,
+        ..Default::default()
+    };
+    agent.client.signal_process(ctx(), &request).await.unwrap();
+    let status = agent.wait("early").await.unwrap();
+    assert_eq!((status.exit_status, status.signal), (137, 9));
+    let (code, message) = status_of(agent.start_container("early").await.unwrap_err());
+    assert_eq!(code, Code::INTERNAL, "{message}");
+    assert!(message.contains("killed by signal 9"), "{message}");
+    agent.stop();
+}

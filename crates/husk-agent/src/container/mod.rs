@@ -5,26 +5,26 @@
 pub mod init;
 pub mod mounts;
 pub mod spec;
+pub mod stdio;
 pub mod storage;
 
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use husk_protocol::agent::Storage;
-use nix::fcntl::OFlag;
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::process::spawn::{clone_exec, CloneExec};
-use crate::process::stdio::{spawn_pump, FdIo, OUTPUT_BUFFER_CAPACITY};
-use crate::process::{ExitStatus, OutputBuffer, Process, Reaper, SignalError, Stdin, StdinError};
+use crate::process::stdio::FdIo;
+use crate::process::{ExitStatus, Process, Reaper, SignalError, StdinError};
 use spec::{InitConfig, InitMessage, SpecError};
+use stdio::{pipe, pipe_stdio, terminal_stdio};
 use storage::StorageError;
 
 /// Why a container operation failed. `crate::error` maps these to ttrpc codes.
@@ -202,81 +202,6 @@ pub fn valid_id(id: &str) -> bool {
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-}
-
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    Ok(nix::unistd::pipe2(OFlag::O_CLOEXEC)?)
-}
-
-/// The stdio of a new init: what the child gets, and what the agent keeps.
-struct Stdio {
-    child: [OwnedFd; 3],
-    stdin: Stdin,
-    stdout: Arc<OutputBuffer>,
-    stderr: Arc<OutputBuffer>,
-    pumps: Vec<tokio::task::JoinHandle<()>>,
-    console: Option<PathBuf>,
-}
-
-fn terminal_stdio(id: &str, size: Option<(u16, u16)>) -> io::Result<Stdio> {
-    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
-    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
-    grantpt(&master)?;
-    unlockpt(&master)?;
-    let slave_path = PathBuf::from(ptsname_r(&master)?);
-    let slave: OwnedFd = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(&slave_path)?
-        .into();
-    let master = OwnedFd::from(master);
-    if let Some((rows, cols)) = size {
-        crate::sys::set_window_size(master.as_fd(), rows, cols)?;
-    }
-    let writer = master.try_clone()?;
-    let stdout = OutputBuffer::new(OUTPUT_BUFFER_CAPACITY);
-    let pump = spawn_pump(
-        FdIo::terminal(master)?,
-        Arc::clone(&stdout),
-        format!("the terminal of container {id}"),
-    );
-    Ok(Stdio {
-        child: [slave.try_clone()?, slave.try_clone()?, slave],
-        stdin: Stdin::terminal(FdIo::new(writer)?),
-        stdout,
-        stderr: OutputBuffer::closed(),
-        pumps: vec![pump],
-        console: Some(slave_path),
-    })
-}
-
-fn pipe_stdio(id: &str) -> io::Result<Stdio> {
-    let (stdin_r, stdin_w) = pipe()?;
-    let (stdout_r, stdout_w) = pipe()?;
-    let (stderr_r, stderr_w) = pipe()?;
-    let stdout = OutputBuffer::new(OUTPUT_BUFFER_CAPACITY);
-    let stderr = OutputBuffer::new(OUTPUT_BUFFER_CAPACITY);
-    let pumps = vec![
-        spawn_pump(
-            FdIo::new(stdout_r)?,
-            Arc::clone(&stdout),
-            format!("stdout of container {id}"),
-        ),
-        spawn_pump(
-            FdIo::new(stderr_r)?,
-            Arc::clone(&stderr),
-            format!("stderr of container {id}"),
-        ),
-    ];
-    Ok(Stdio {
-        child: [stdin_r, stdout_w, stderr_w],
-        stdin: Stdin::pipe(FdIo::new(stdin_w)?),
-        stdout,
-        stderr,
-        pumps,
-        console: None,
-    })
 }
 
 /// Reads the init stage's next message; `None` at end-of-file. Warnings are
