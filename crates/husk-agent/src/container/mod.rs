@@ -73,7 +73,7 @@ pub enum ContainerError {
         invalid_spec: bool,
     },
     /// The init stage died without saying why.
-    #[error("the init of container {id:?} {status} before it was ready; the guest console log may say why")]
+    #[error("the init of container {id:?} {status} before it ran the container's program; the guest console log may say why")]
     InitDied {
         /// Container id.
         id: String,
@@ -466,22 +466,21 @@ impl Containers {
         else {
             return Err(ContainerError::AlreadyStarted(id.to_string()));
         };
-        // One byte into an empty pipe never blocks. If it fails the init is
-        // gone, which the status pipe reports below.
-        let _ = start.write_all(b"s");
+        // One byte into an empty pipe never blocks. It fails (EPIPE) only
+        // when the held init is gone: killed before it was started.
+        if start.write_all(b"s").is_err() {
+            let status = container.process.wait().await;
+            return Err(ContainerError::InitDied {
+                id: id.to_string(),
+                status,
+            });
+        }
         drop(start);
         let outcome = next_message(id, &mut status).await;
         match outcome {
+            // The status pipe closed at exec: the program runs (and may
+            // already have exited, which WaitProcess reports).
             Ok(None) => {
-                if let Some(exit) = container.process.exit_status() {
-                    // Ended before exec: killed by a signal while held.
-                    if exit.signal != 0 {
-                        return Err(ContainerError::InitDied {
-                            id: id.to_string(),
-                            status: exit,
-                        });
-                    }
-                }
                 tracing::info!(container = id, "started");
                 Ok(())
             }

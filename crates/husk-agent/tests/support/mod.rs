@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 pub const APPLETS: &[&str] = &[
     "sh", "cat", "echo", "id", "hostname", "uname", "pwd", "env", "sleep", "ls", "dd", "true",
     "false", "seq", "test", "tty", "stty", "touch", "mount", "head", "wc", "grep", "stat", "tr",
+    "kill",
 ];
 
 /// Per-call deadline, so a hung agent fails a test instead of hanging it.
