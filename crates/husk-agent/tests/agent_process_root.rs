@@ -631,17 +631,3 @@ async fn root_killed_before_start_fails_start() {
     assert!(message.contains("killed by signal 9"), "{message}");
     agent.stop();
 }
-
-#[tokio::test(flavor = "multi_thread")]
-async fn root_program_killed_right_after_start_is_still_started() {
-    let agent = Agent::start().await;
-    for n in 0..5 {
-        let id = format!("suicide-{n}");
-        let rootfs = agent.rootfs(&id);
-        let (_, _, status) = agent
-            .run_to_end(&id, &spec(&rootfs, &["sh", "-c", "kill -9 $$"]))
-            .await;
-        assert_eq!((status.exit_status, status.signal), (137, 9));
-    }
-    agent.stop();
-}
