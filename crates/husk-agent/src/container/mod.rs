@@ -413,10 +413,11 @@ impl Containers {
             config_pipe.write_all(&json).await
             // Dropping the pipe here gives the init its end-of-file.
         };
-        let outcome = match fed.await {
-            // A failed write means the init is gone; its status says why.
-            Ok(()) | Err(_) => next_message(id, &mut status).await,
-        };
+        if let Err(e) = fed.await {
+            // The init is gone; its status pipe and exit status say why.
+            tracing::debug!(container = id, "writing the init instructions failed: {e}");
+        }
+        let outcome = next_message(id, &mut status).await;
         let failure = match outcome {
             Ok(Some(InitMessage::Ready)) => None,
             Ok(Some(InitMessage::Error {
