@@ -80,6 +80,9 @@ fn listen(path: &PathBuf) -> Result<()> {
     nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
     let runtime = server::runtime().context("starting the async runtime")?;
     runtime.block_on(async {
+        // Handlers first: once the socket exists, SIGTERM means a clean exit.
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
             if meta.file_type().is_socket() {
@@ -97,8 +100,6 @@ fn listen(path: &PathBuf) -> Result<()> {
             .await
             .context("starting the agent")?;
         tracing::info!(socket = %path.display(), version = env!("CARGO_PKG_VERSION"), "husk-agent listening");
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         let why = tokio::select! {
             _ = exit.notified() => "Shutdown was called",
             _ = term.recv() => "SIGTERM",

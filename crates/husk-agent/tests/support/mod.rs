@@ -188,13 +188,19 @@ impl Agent {
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .expect("starting husk-agent");
-        wait_until("the agent socket", Duration::from_secs(10), || {
-            socket.exists()
-        });
+        // The socket file appears at bind(), a moment before listen():
+        // retry the connection until the agent accepts it.
         let address = format!("unix://{}", socket.display());
-        let client = ttrpc::r#async::Client::connect(&address)
-            .await
-            .expect("connecting to the agent");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let client = loop {
+            match ttrpc::r#async::Client::connect(&address).await {
+                Ok(client) => break client,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "connecting to the agent: {e}");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
         Agent {
             dir,
             client: AgentClient::new(client),
