@@ -48,6 +48,11 @@ pub enum SpecError {
     /// A device entry the agent cannot create.
     #[error("linux.devices entry {0:?} must be an absolute path under /dev of type c, b, u or p")]
     BadDevice(PathBuf),
+    /// `hostname` without a UTS namespace would rename the whole guest.
+    #[error(
+        "hostname is set but linux.namespaces has no uts namespace; add one or drop the hostname"
+    )]
+    HostnameWithoutUts,
 }
 
 /// One device node to create in the container's `/dev`.
@@ -258,6 +263,12 @@ pub fn translate(spec: &Spec) -> Result<InitConfig, SpecError> {
     sysctl.sort();
     if let Some(hostname) = spec.hostname() {
         no_nul(hostname, "hostname")?;
+        let has_uts = linux
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|n| n.iter().any(|ns| ns.typ() == LinuxNamespaceType::Uts));
+        if !hostname.is_empty() && !has_uts {
+            return Err(SpecError::HostnameWithoutUts);
+        }
     }
 
     Ok(InitConfig {
@@ -320,14 +331,14 @@ fn translate_mount(mount: &oci_spec::runtime::Mount) -> Result<MountEntry, SpecE
 /// The namespaces to create for the container, and notes about the ones the
 /// spec asks for that the agent does not provide.
 ///
-/// Mount, PID, UTS and IPC namespaces are always new. The container shares
-/// the VM's network namespace (the VM is the sandbox, as in Kata), so a
+/// The mount namespace is always new (the init pivots into the rootfs).
+/// PID, UTS, IPC and cgroup namespaces are new when the spec lists them;
+/// one it leaves out is shared with the guest (its "host" is the VM, as
+/// under runc a missing namespace is the host's). The container shares the
+/// VM's network namespace (the VM is the sandbox, as in Kata), so a
 /// `network` entry is satisfied by the guest's own namespace.
 pub fn clone_flags(spec: &Spec) -> (CloneFlags, Vec<String>) {
-    let mut flags = CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWIPC;
+    let mut flags = CloneFlags::CLONE_NEWNS;
     let mut notes = Vec::new();
     let namespaces = spec
         .linux()
@@ -344,10 +355,10 @@ pub fn clone_flags(spec: &Spec) -> (CloneFlags, Vec<String>) {
             ));
         }
         match typ {
-            LinuxNamespaceType::Mount
-            | LinuxNamespaceType::Pid
-            | LinuxNamespaceType::Uts
-            | LinuxNamespaceType::Ipc => {}
+            LinuxNamespaceType::Mount => {}
+            LinuxNamespaceType::Pid => flags |= CloneFlags::CLONE_NEWPID,
+            LinuxNamespaceType::Uts => flags |= CloneFlags::CLONE_NEWUTS,
+            LinuxNamespaceType::Ipc => flags |= CloneFlags::CLONE_NEWIPC,
             LinuxNamespaceType::Cgroup => flags |= CloneFlags::CLONE_NEWCGROUP,
             LinuxNamespaceType::Network => {}
             LinuxNamespaceType::User => notes.push(
@@ -486,6 +497,7 @@ mod tests {
             ],
             "linux": {
                 "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "mount"},
+                               {"type": "uts"}, {"type": "ipc"},
                                {"type": "cgroup"}, {"type": "user"}],
                 "maskedPaths": ["/proc/kcore"],
                 "readonlyPaths": ["/proc/sys"],
@@ -565,6 +577,13 @@ mod tests {
         ));
         assert!(!flags.contains(CloneFlags::CLONE_NEWNET));
         assert!(!flags.contains(CloneFlags::CLONE_NEWUSER));
+
+        // A namespace the spec leaves out is the guest's.
+        let mut s = runc_spec();
+        s["linux"]["namespaces"] = serde_json::json!([{"type": "mount"}]);
+        s.as_object_mut().unwrap().remove("hostname");
+        let (flags, _) = clone_flags(&spec_of(s));
+        assert_eq!(flags, CloneFlags::CLONE_NEWNS);
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(notes[0].contains("user namespaces"));
         let features = unapplied_features(&spec_of(runc_spec()));
