@@ -231,7 +231,10 @@ mod tests {
         assert_eq!(tsc_khz_from_cpuinfo(unknown), None);
         assert_eq!(
             tcg_clock_params(Accel::Tcg, Some(2_599_998)),
-            vec!["tsc_early_khz=2599998".to_string(), "tsc=reliable".to_string()]
+            vec![
+                "tsc_early_khz=2599998".to_string(),
+                "tsc=reliable".to_string()
+            ]
         );
         assert!(tcg_clock_params(Accel::Kvm, Some(2_599_998)).is_empty());
         assert!(tcg_clock_params(Accel::Tcg, None).is_empty());

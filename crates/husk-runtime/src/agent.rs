@@ -105,7 +105,10 @@ impl AgentClient {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 Err(e) => {
-                    return Err(AgentError::Unavailable(format!("{}: {e}", socket.display())))
+                    return Err(AgentError::Unavailable(format!(
+                        "{}: {e}",
+                        socket.display()
+                    )))
                 }
             }
         };

@@ -56,14 +56,7 @@ impl Share {
             source_path: dir.to_path_buf(),
             errno,
         };
-        mount(
-            Some(dir),
-            dir,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(bind_err)?;
+        mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(bind_err)?;
         share.mounted.push(dir.to_path_buf());
         mount(
             None::<&str>,
