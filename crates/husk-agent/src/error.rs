@@ -2,6 +2,7 @@
 
 use ttrpc::Code;
 
+use crate::cgroup::CgroupError;
 use crate::container::spec::SpecError;
 use crate::container::storage::StorageError;
 use crate::container::ContainerError;
@@ -30,10 +31,29 @@ pub fn code(error: &AgentError) -> Code {
         AgentError::VersionMismatch { .. } => Code::FAILED_PRECONDITION,
         AgentError::Container(error) => match error {
             C::NotFound(_) | C::NoSuchProcess { .. } | C::Exited { .. } => Code::NOT_FOUND,
-            C::AlreadyExists(_) => Code::ALREADY_EXISTS,
-            C::InvalidId(_) | C::Spec(_) | C::RootfsMissing(_) | C::BadSignal(_) => {
-                Code::INVALID_ARGUMENT
+            C::AlreadyExists(_) | C::ExecExists { .. } => Code::ALREADY_EXISTS,
+            C::InvalidId(_)
+            | C::Spec(_)
+            | C::RootfsMissing(_)
+            | C::BadSignal(_)
+            | C::EmptyExecId(_)
+            | C::ResourcesJson(_) => Code::INVALID_ARGUMENT,
+            C::ExecFailed { invalid_spec, .. } => {
+                if *invalid_spec {
+                    Code::INVALID_ARGUMENT
+                } else {
+                    Code::INTERNAL
+                }
             }
+            C::NotRunning { .. }
+            | C::ExecStarting { .. }
+            | C::NoTerminal { .. }
+            | C::NoCgroup(_) => Code::FAILED_PRECONDITION,
+            C::Cgroup { source, .. } => match source {
+                CgroupError::Resources(_) | CgroupError::Refused { .. } => Code::INVALID_ARGUMENT,
+                CgroupError::MissingController { .. } => Code::FAILED_PRECONDITION,
+                CgroupError::Root { .. } | CgroupError::Io { .. } => Code::INTERNAL,
+            },
             C::Storage(StorageError::UnknownDriver { .. } | StorageError::Malformed { .. }) => {
                 Code::INVALID_ARGUMENT
             }
@@ -104,6 +124,40 @@ mod tests {
             ),
             (
                 AgentError::VersionMismatch { host: 2, agent: 1 },
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                ContainerError::ExecExists {
+                    id: "c".into(),
+                    exec_id: "e".into(),
+                }
+                .into(),
+                Code::ALREADY_EXISTS,
+            ),
+            (
+                ContainerError::NotRunning {
+                    id: "c".into(),
+                    status: crate::process::ExitStatus::exited(0),
+                }
+                .into(),
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                ContainerError::ExecFailed {
+                    id: "c".into(),
+                    exec_id: "e".into(),
+                    message: "exec \"x\": no such file".into(),
+                    invalid_spec: true,
+                }
+                .into(),
+                Code::INVALID_ARGUMENT,
+            ),
+            (
+                ContainerError::NoTerminal {
+                    id: "c".into(),
+                    exec_id: "".into(),
+                }
+                .into(),
                 Code::FAILED_PRECONDITION,
             ),
         ];

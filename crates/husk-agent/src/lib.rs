@@ -6,9 +6,13 @@
 //! Layout: `channel` (the virtio-serial listener), `pid1` (early mounts and
 //! the never-exiting serve loop), `rpc` (the ttrpc service), `error` (the one
 //! mapping to ttrpc codes), `container/` (spec translation, mounts, the init
-//! stage), `process/` (reaper, stdio, the clone+exec). `unsafe` lives only in
-//! `sys` and `process/spawn`.
+//! stage, the exec stage), `process/` (reaper, stdio, the clone+exec),
+//! `cgroup/` (cgroup v2: resources, stats, OOM events), `caps` and `seccomp`
+//! (pure translations of the spec, installed by the stages). `unsafe` lives
+//! only in `sys` and `process/spawn`.
 
+pub mod caps;
+pub mod cgroup;
 pub mod channel;
 pub mod container;
 pub mod error;
@@ -16,5 +20,6 @@ pub mod logging;
 pub mod pid1;
 pub mod process;
 pub mod rpc;
+pub mod seccomp;
 pub mod server;
 pub mod sys;

@@ -1,5 +1,6 @@
 //! `husk-agent`: PID 1 of the guest, or `--listen unix:PATH` for testing the
-//! agent as a plain process, or `init` (internal: a container's first stage).
+//! agent as a plain process, or `init` / `exec` (internal: a container's
+//! first stage, and the stage that starts an extra process in one).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -14,7 +15,9 @@ use tokio::sync::Notify;
 
 const USAGE: &str = "\
 usage: husk-agent                      (as PID 1 of the guest: serve on the virtio-serial port)
-       husk-agent --listen unix:PATH   (as a plain process: serve on a unix socket)
+       husk-agent --listen unix:PATH [--cgroup-root DIR]
+                                       (as a plain process: serve on a unix socket;
+                                        containers' cgroups under DIR, a cgroup2 directory)
        husk-agent --version";
 
 fn main() {
@@ -23,6 +26,9 @@ fn main() {
     // must be recognised before the PID 1 check.
     if args.len() == 2 && args[1] == "init" {
         husk_agent::container::init::main();
+    }
+    if args.len() == 2 && args[1] == "exec" {
+        husk_agent::container::exec_stage::main();
     }
     if nix::unistd::getpid().as_raw() == 1 {
         pid1::run();
@@ -51,7 +57,11 @@ fn run(args: &[OsString]) -> Result<()> {
             println!("{USAGE}");
             Ok(())
         }
-        ["--listen", address] => listen(&socket_path(address)?),
+        ["--listen", address] => listen(&socket_path(address)?, None),
+        ["--listen", address, "--cgroup-root", root]
+        | ["--cgroup-root", root, "--listen", address] => {
+            listen(&socket_path(address)?, Some(PathBuf::from(root)))
+        }
         _ => bail!("unexpected arguments {args:?}\n{USAGE}"),
     }
 }
@@ -71,7 +81,7 @@ fn socket_path(address: &str) -> Result<PathBuf> {
 
 /// The agent as a plain process on a unix socket. Containers are killed when
 /// the agent exits (Shutdown, SIGTERM, SIGINT) or dies.
-fn listen(path: &PathBuf) -> Result<()> {
+fn listen(path: &PathBuf, cgroup_root: Option<PathBuf>) -> Result<()> {
     let filter = std::env::var("HUSK_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| logging::DEFAULT_FILTER.to_string());
@@ -94,6 +104,7 @@ fn listen(path: &PathBuf) -> Result<()> {
         let exit = Arc::new(Notify::new());
         let options = ContainerOptions {
             die_with_agent: true,
+            cgroup_root,
             ..ContainerOptions::default()
         };
         let agent = server::start(socket.into(), options, ShutdownAction::Exit(Arc::clone(&exit)))

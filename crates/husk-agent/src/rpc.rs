@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use husk_protocol::agent::{
-    CheckRequest, CheckResponse, ContainerRequest, CreateContainerRequest, Empty, ProcessRequest,
-    ReadStreamRequest, ReadStreamResponse, SignalProcessRequest, WaitProcessResponse,
-    WriteStreamRequest, WriteStreamResponse,
+    CheckRequest, CheckResponse, ContainerRequest, CreateContainerRequest, Empty,
+    ExecProcessRequest, ListProcessesResponse, OOMEvent, ProcessRequest, ReadStreamRequest,
+    ReadStreamResponse, ResizePtyRequest, SignalProcessRequest, StatsContainerResponse,
+    UpdateContainerRequest, WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
 };
 use husk_protocol::agent_ttrpc::Agent;
 use husk_protocol::{API_VERSION, MAX_CHUNK};
@@ -124,12 +125,12 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ProcessRequest,
     ) -> Reply<WaitProcessResponse> {
-        tracing::debug!(container = %req.container_id, "WaitProcess");
-        let container = reply(
+        tracing::debug!(container = %req.container_id, exec = %req.exec_id, "WaitProcess");
+        let process = reply(
             self.containers.get_process(&req.container_id, &req.exec_id),
             "WaitProcess",
         )?;
-        let status = container.process().wait().await;
+        let status = process.wait().await;
         Ok(WaitProcessResponse {
             exit_status: status.status,
             signal: status.signal,
@@ -138,10 +139,10 @@ impl Agent for AgentService {
     }
 
     async fn signal_process(&self, _ctx: &TtrpcContext, req: SignalProcessRequest) -> Reply<Empty> {
-        tracing::debug!(container = %req.container_id, signal = req.signal, "SignalProcess");
+        tracing::debug!(container = %req.container_id, exec = %req.exec_id, signal = req.signal, all = req.all, "SignalProcess");
         reply(
             self.containers
-                .signal(&req.container_id, &req.exec_id, req.signal),
+                .signal(&req.container_id, &req.exec_id, req.signal, req.all),
             "SignalProcess",
         )
         .map(|()| Empty::default())
@@ -180,15 +181,11 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ReadStreamRequest,
     ) -> Reply<ReadStreamResponse> {
-        let container = reply(
+        let process = reply(
             self.containers.get_process(&req.container_id, &req.exec_id),
             "ReadStdout",
         )?;
-        let data = container
-            .process()
-            .stdout
-            .read(chunk_limit(req.max_len))
-            .await;
+        let data = process.stdout.read(chunk_limit(req.max_len)).await;
         Ok(ReadStreamResponse {
             data,
             ..Default::default()
@@ -200,15 +197,11 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ReadStreamRequest,
     ) -> Reply<ReadStreamResponse> {
-        let container = reply(
+        let process = reply(
             self.containers.get_process(&req.container_id, &req.exec_id),
             "ReadStderr",
         )?;
-        let data = container
-            .process()
-            .stderr
-            .read(chunk_limit(req.max_len))
-            .await;
+        let data = process.stderr.read(chunk_limit(req.max_len)).await;
         Ok(ReadStreamResponse {
             data,
             ..Default::default()
@@ -222,6 +215,74 @@ impl Agent for AgentService {
             "RemoveContainer",
         )
         .map(|()| Empty::default())
+    }
+
+    async fn exec_process(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> Reply<Empty> {
+        tracing::debug!(container = %req.container_id, exec = %req.exec_id, "ExecProcess");
+        let result = self
+            .containers
+            .exec(&req.container_id, &req.exec_id, &req.process_json)
+            .await;
+        if let Err(e) = &result {
+            tracing::warn!(container = %req.container_id, exec = %req.exec_id, "exec failed: {e}");
+        }
+        reply(result, "ExecProcess").map(|()| Empty::default())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> Reply<Empty> {
+        tracing::debug!(container = %req.container_id, exec = %req.exec_id, rows = req.rows, cols = req.cols, "ResizePty");
+        reply(
+            self.containers
+                .resize_pty(&req.container_id, &req.exec_id, req.rows, req.cols),
+            "ResizePty",
+        )
+        .map(|()| Empty::default())
+    }
+
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> Reply<ListProcessesResponse> {
+        tracing::debug!(container = %req.container_id, "ListProcesses");
+        let processes = reply(
+            self.containers.list_processes(&req.container_id),
+            "ListProcesses",
+        )?;
+        Ok(ListProcessesResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> Reply<Empty> {
+        tracing::debug!(container = %req.container_id, "UpdateContainer");
+        reply(
+            self.containers
+                .update(&req.container_id, &req.resources_json),
+            "UpdateContainer",
+        )
+        .map(|()| Empty::default())
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> Reply<StatsContainerResponse> {
+        reply(self.containers.stats(&req.container_id), "StatsContainer")
+    }
+
+    async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> Reply<OOMEvent> {
+        let container_id = self.containers.next_oom_event().await;
+        Ok(OOMEvent {
+            container_id,
+            ..Default::default()
+        })
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: Empty) -> Reply<Empty> {

@@ -130,3 +130,218 @@ pub fn register_async(file: std::fs::File) -> io::Result<tokio::io::unix::AsyncF
     // same file description for as long as the `AsyncFd` owns the `File`.
     Ok(unsafe { tokio::io::unix::AsyncFd::register(file) }?)
 }
+
+/// The three capability sets `capset(2)` takes, as bit masks (bit n is
+/// capability n).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CapState {
+    /// Effective set.
+    pub effective: u64,
+    /// Permitted set.
+    pub permitted: u64,
+    /// Inheritable set.
+    pub inheritable: u64,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Sets the calling thread's effective, permitted and inheritable sets.
+pub fn capset(state: CapState) -> io::Result<()> {
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let split = |mask: u64| [mask as u32, (mask >> 32) as u32];
+    let (e, p, i) = (
+        split(state.effective),
+        split(state.permitted),
+        split(state.inheritable),
+    );
+    let data = [
+        CapData {
+            effective: e[0],
+            permitted: p[0],
+            inheritable: i[0],
+        },
+        CapData {
+            effective: e[1],
+            permitted: p[1],
+            inheritable: i[1],
+        },
+    ];
+    // SAFETY: capset reads one header and, for version 3, two data structs
+    // through the pointers, which point to live, initialised values.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The calling thread's effective, permitted and inheritable sets.
+pub fn capget() -> io::Result<CapState> {
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget writes at most two data structs (version 3) into the
+    // array and may update the header's version; both are live and writable.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let join = |lo: u32, hi: u32| lo as u64 | (hi as u64) << 32;
+    Ok(CapState {
+        effective: join(data[0].effective, data[1].effective),
+        permitted: join(data[0].permitted, data[1].permitted),
+        inheritable: join(data[0].inheritable, data[1].inheritable),
+    })
+}
+
+fn prctl(option: libc::c_int, arg2: libc::c_ulong, arg3: libc::c_ulong) -> io::Result<()> {
+    // SAFETY: every prctl option used through this helper takes integer
+    // arguments only (no pointers); unused arguments are zero.
+    let rc = unsafe { libc::prctl(option, arg2, arg3, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Removes capability `cap` from the bounding set (`PR_CAPBSET_DROP`).
+pub fn drop_bounding_cap(cap: u32) -> io::Result<()> {
+    prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0)
+}
+
+/// Keeps the permitted set across a change from uid 0 (`PR_SET_KEEPCAPS`).
+pub fn set_keep_caps(on: bool) -> io::Result<()> {
+    prctl(libc::PR_SET_KEEPCAPS, on as libc::c_ulong, 0)
+}
+
+/// Empties the ambient set.
+pub fn clear_ambient_caps() -> io::Result<()> {
+    prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+        0,
+    )
+}
+
+/// Adds `cap` to the ambient set (it must be permitted and inheritable).
+pub fn raise_ambient_cap(cap: u32) -> io::Result<()> {
+    prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+        cap as libc::c_ulong,
+    )
+}
+
+/// Sets the signal sent to the calling process when its parent exits.
+pub fn set_parent_death_signal(signal: libc::c_int) -> io::Result<()> {
+    prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0)
+}
+
+/// One classic BPF instruction (`struct sock_filter`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SockFilter {
+    /// Opcode.
+    pub code: u16,
+    /// Jump offset when true.
+    pub jt: u8,
+    /// Jump offset when false.
+    pub jf: u8,
+    /// Operand.
+    pub k: u32,
+}
+
+#[repr(C)]
+struct SockFprog {
+    len: libc::c_ushort,
+    filter: *const SockFilter,
+}
+
+/// Installs a seccomp filter on the calling thread (`seccomp(2)` with
+/// `SECCOMP_SET_MODE_FILTER`). The caller needs `no_new_privs` or
+/// `CAP_SYS_ADMIN`.
+pub fn install_seccomp_filter(program: &[SockFilter], flags: u32) -> io::Result<()> {
+    let len = libc::c_ushort::try_from(program.len())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let fprog = SockFprog {
+        len,
+        filter: program.as_ptr(),
+    };
+    // SAFETY: the kernel reads `fprog` and `len` instructions through its
+    // pointer; both live until the call returns (the kernel copies them).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            flags as libc::c_ulong,
+            &fprog as *const SockFprog,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Outcome of [`fork_as_sibling`].
+pub enum Forked {
+    /// In the parent: the child's pid (in the caller's PID namespace).
+    Parent(nix::unistd::Pid),
+    /// In the child.
+    Child,
+}
+
+/// Forks the calling process so that the child's parent is the caller's
+/// parent (`clone(CLONE_PARENT)`), as the exec stage does: the process it
+/// starts in the container becomes a child of the agent, which reaps it.
+///
+/// Only for single-threaded processes (the exec stage): the child is a copy
+/// of the one thread, and glibc's fork handlers do not run (no locks are
+/// held in a single-threaded process, and the child execs soon).
+pub fn fork_as_sibling() -> io::Result<Forked> {
+    let flags = (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong;
+    // SAFETY: clone without CLONE_VM and with a null stack behaves like fork;
+    // the arguments are plain integers and null pointers.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    match rc {
+        rc if rc < 0 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(nix::unistd::Pid::from_raw(
+            pid as libc::pid_t,
+        ))),
+    }
+}

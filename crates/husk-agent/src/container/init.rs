@@ -11,131 +11,39 @@
 //! so the agent reads end-of-file once the program runs.
 
 use std::convert::Infallible;
-use std::ffi::CString;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sys::resource::{setrlimit, Resource};
+use nix::sched::{unshare, CloneFlags};
 use nix::sys::stat::{makedev, mknod, umask, Mode, SFlag};
-use nix::unistd::{self, AccessFlags, Gid, Uid};
-use oci_spec::runtime::PosixRlimitType;
+use nix::unistd::{self, Gid, Uid};
 
 use super::mounts::{
-    create_dev_symlinks, ensure_file, mount_entry, resolve_in_root, MountError, DEFAULT_DEVICES,
+    create_dev_symlinks, ensure_file, mount_entry, resolve_in_root, DEFAULT_DEVICES,
 };
-use super::spec::{find_program, path_of, DeviceEntry, InitConfig, InitMessage, LookupError};
+use super::spec::{DeviceEntry, InitConfig, InitMessage};
+use super::stage::{self, step, Reporter, StageError};
 use crate::sys;
 
 /// Where the init stage reads its [`InitConfig`] (JSON, until end-of-file).
 pub const CONFIG_FD: RawFd = 3;
 /// Where it writes [`InitMessage`]s, one JSON object per line.
-pub const STATUS_FD: RawFd = 4;
+pub const STATUS_FD: RawFd = stage::STATUS_FD;
 /// Where it waits for the agent's go: one byte means start, end-of-file means
 /// the container was removed before it started.
 pub const START_FD: RawFd = 5;
 
-/// A failed init step.
-#[derive(Debug, thiserror::Error)]
-enum InitError {
-    #[error("{what}: {source}")]
-    Step {
-        what: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error(transparent)]
-    Mount(#[from] MountError),
-    #[error(transparent)]
-    Lookup(#[from] LookupError),
-    #[error("{0}")]
-    Spec(String),
-    #[error("exec {program:?}: {errno}")]
-    Exec { program: String, errno: Errno },
-}
-
-impl InitError {
-    fn invalid_spec(&self) -> bool {
-        matches!(self, Self::Lookup(_) | Self::Spec(_) | Self::Exec { .. })
-    }
-
-    fn exit_code(&self) -> i32 {
-        match self {
-            Self::Lookup(LookupError::NotExecutable(_)) => 126,
-            Self::Exec {
-                errno: Errno::EACCES,
-                ..
-            } => 126,
-            Self::Lookup(_) | Self::Exec { .. } => 127,
-            _ => 1,
-        }
-    }
-}
-
-fn step<T, E: Into<io::Error>>(
-    result: Result<T, E>,
-    what: impl FnOnce() -> String,
-) -> Result<T, InitError> {
-    result.map_err(|e| InitError::Step {
-        what: what(),
-        source: e.into(),
-    })
-}
-
-/// Writes status messages to the agent.
-struct Reporter(File);
-
-impl Reporter {
-    fn send(&self, message: &InitMessage) {
-        let mut line = serde_json::to_vec(message).unwrap_or_default();
-        line.push(b'\n');
-        // If the agent is gone there is nobody to tell.
-        let _ = (&self.0).write_all(&line);
-    }
-
-    fn warn(&self, text: String) {
-        self.send(&InitMessage::Warning(text));
-    }
-}
-
 /// Runs the init stage; never returns.
 pub fn main() -> ! {
-    let Ok(status) = sys::take_inherited_fd(STATUS_FD) else {
-        // Not started by the agent: there is nobody to report to.
-        eprintln!("husk-agent init is internal to the agent and cannot be run by hand");
-        std::process::exit(125);
-    };
-    let _ = sys::set_cloexec(status.as_fd(), true);
-    let reporter = Reporter(File::from(status));
-    // Panics are reported on the status pipe, never printed on the
-    // container's stderr.
-    std::panic::set_hook(Box::new(|_| {}));
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&reporter)));
-    let (message, invalid_spec, code) = match outcome {
-        Ok(Ok(never)) => match never {},
-        Ok(Err(e)) => (e.to_string(), e.invalid_spec(), e.exit_code()),
-        Err(panic) => {
-            let text = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".to_string());
-            (format!("container init panicked: {text}"), false, 1)
-        }
-    };
-    reporter.send(&InitMessage::Error {
-        message,
-        invalid_spec,
-    });
-    std::process::exit(code)
+    stage::run_stage("init", run)
 }
 
-fn read_config() -> Result<InitConfig, InitError> {
+fn read_config() -> Result<InitConfig, StageError> {
     let fd = step(sys::take_inherited_fd(CONFIG_FD), || {
         "taking the config pipe (fd 3)".to_string()
     })?;
@@ -144,10 +52,10 @@ fn read_config() -> Result<InitConfig, InitError> {
         "reading the init instructions".to_string()
     })?;
     serde_json::from_slice(&json)
-        .map_err(|e| InitError::Spec(format!("the init instructions are not valid: {e}")))
+        .map_err(|e| StageError::Spec(format!("the init instructions are not valid: {e}")))
 }
 
-fn run(reporter: &Reporter) -> Result<Infallible, InitError> {
+fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
     // Nothing but fds 0-5 belongs to the container.
     sys::close_fds_from(START_FD as u32 + 1);
     let config = read_config()?;
@@ -159,6 +67,13 @@ fn run(reporter: &Reporter) -> Result<Infallible, InitError> {
     })?;
     // Mount points and the working directory are created 0755, like runc.
     umask(Mode::from_bits_truncate(0o022));
+    if config.cgroup_namespace {
+        // The agent placed this process in the container's cgroup before it
+        // exec'd, so that cgroup becomes the namespace's root.
+        step(unshare(CloneFlags::CLONE_NEWCGROUP), || {
+            "creating the cgroup namespace".to_string()
+        })?;
+    }
 
     step(unistd::setsid(), || "creating a session".to_string())?;
     if config.process.terminal {
@@ -177,8 +92,9 @@ fn run(reporter: &Reporter) -> Result<Infallible, InitError> {
     if let Some(domainname) = &config.domainname {
         set_domainname(domainname)?;
     }
-    apply_limits(&config)?;
-    let program = become_user(&config)?;
+    stage::apply_limits(&config.process)?;
+    let (program, seccomp_installed) =
+        stage::become_user(&config.process, config.seccomp.as_ref())?;
 
     step(sys::reset_signals(), || {
         "resetting signal handlers".to_string()
@@ -191,11 +107,12 @@ fn run(reporter: &Reporter) -> Result<Infallible, InitError> {
         _ => std::process::exit(0),
     }
     drop(start);
-    exec(&program, &config)
+    let pending = config.seccomp.as_ref().filter(|_| !seccomp_installed);
+    stage::exec_program(&program, &config.process, pending)
 }
 
 /// Mounts everything under the rootfs and moves into it.
-fn setup_rootfs(config: &InitConfig, reporter: &Reporter) -> Result<(), InitError> {
+fn setup_rootfs(config: &InitConfig, reporter: &Reporter) -> Result<(), StageError> {
     let rootfs = &config.rootfs;
     step(
         mount(
@@ -221,6 +138,25 @@ fn setup_rootfs(config: &InitConfig, reporter: &Reporter) -> Result<(), InitErro
     for entry in &config.mounts {
         match mount_entry(rootfs, entry) {
             Ok(()) => {}
+            // In a user namespace without its own network (IPC) namespace
+            // the kernel refuses a new sysfs (mqueue): bind the guest's, as
+            // runc does.
+            Err(e)
+                if e.source.raw_os_error() == Some(libc::EPERM)
+                    && matches!(entry.fstype.as_str(), "sysfs" | "mqueue") =>
+            {
+                let source = if entry.fstype == "sysfs" {
+                    "/sys"
+                } else {
+                    "/dev/mqueue"
+                };
+                let mut bind = entry.clone();
+                bind.source = Some(PathBuf::from(source));
+                bind.fstype.clear();
+                bind.data.clear();
+                bind.flags |= (MsFlags::MS_BIND | MsFlags::MS_REC).bits();
+                mount_entry(rootfs, &bind)?;
+            }
             // A container without cgroupfs still runs; say so and go on.
             Err(e) if entry.fstype == "cgroup2" => reporter.warn(e.to_string()),
             Err(e) => return Err(e.into()),
@@ -272,7 +208,7 @@ fn setup_rootfs(config: &InitConfig, reporter: &Reporter) -> Result<(), InitErro
 }
 
 /// Fills a fresh tmpfs `/dev` with the standard devices and symlinks.
-fn populate_dev(rootfs: &Path, reporter: &Reporter) -> Result<(), InitError> {
+fn populate_dev(rootfs: &Path, reporter: &Reporter) -> Result<(), StageError> {
     let dev = step(resolve_in_root(rootfs, Path::new("/dev")), || {
         "resolving /dev".to_string()
     })?;
@@ -301,7 +237,7 @@ fn populate_dev(rootfs: &Path, reporter: &Reporter) -> Result<(), InitError> {
 
 /// Creates one device node: mknod, or a bind mount of the guest's node of
 /// the same path when mknod is refused.
-fn create_device(rootfs: &Path, device: &DeviceEntry) -> Result<(), InitError> {
+fn create_device(rootfs: &Path, device: &DeviceEntry) -> Result<(), StageError> {
     let path = step(resolve_in_root(rootfs, &device.path), || {
         format!("resolving {}", device.path.display())
     })?;
@@ -360,7 +296,7 @@ fn create_device(rootfs: &Path, device: &DeviceEntry) -> Result<(), InitError> {
 /// pivot_root into the rootfs and detach the old root. When the agent's root
 /// is the initramfs, which pivot_root refuses (EINVAL), move the rootfs over
 /// `/` and chroot instead.
-fn enter_rootfs(rootfs: &Path) -> Result<(), InitError> {
+fn enter_rootfs(rootfs: &Path) -> Result<(), StageError> {
     step(unistd::chdir(rootfs), || {
         format!("entering the rootfs {}", rootfs.display())
     })?;
@@ -393,7 +329,7 @@ fn enter_rootfs(rootfs: &Path) -> Result<(), InitError> {
 }
 
 /// Read-only root, sysctls, read-only and masked paths (after pivot_root).
-fn finish_filesystem(config: &InitConfig, reporter: &Reporter) -> Result<(), InitError> {
+fn finish_filesystem(config: &InitConfig, reporter: &Reporter) -> Result<(), StageError> {
     if config.readonly_rootfs {
         step(
             mount(
@@ -465,119 +401,8 @@ fn finish_filesystem(config: &InitConfig, reporter: &Reporter) -> Result<(), Ini
     Ok(())
 }
 
-fn set_domainname(name: &str) -> Result<(), InitError> {
+fn set_domainname(name: &str) -> Result<(), StageError> {
     step(fs::write("/proc/sys/kernel/domainname", name), || {
         format!("setting the domain name to {name:?}")
-    })
-}
-
-fn rlimit_resource(typ: PosixRlimitType) -> Option<Resource> {
-    Some(match typ {
-        PosixRlimitType::RlimitCpu => Resource::RLIMIT_CPU,
-        PosixRlimitType::RlimitFsize => Resource::RLIMIT_FSIZE,
-        PosixRlimitType::RlimitData => Resource::RLIMIT_DATA,
-        PosixRlimitType::RlimitStack => Resource::RLIMIT_STACK,
-        PosixRlimitType::RlimitCore => Resource::RLIMIT_CORE,
-        PosixRlimitType::RlimitRss => Resource::RLIMIT_RSS,
-        PosixRlimitType::RlimitNproc => Resource::RLIMIT_NPROC,
-        PosixRlimitType::RlimitNofile => Resource::RLIMIT_NOFILE,
-        PosixRlimitType::RlimitMemlock => Resource::RLIMIT_MEMLOCK,
-        PosixRlimitType::RlimitAs => Resource::RLIMIT_AS,
-        PosixRlimitType::RlimitLocks => Resource::RLIMIT_LOCKS,
-        PosixRlimitType::RlimitSigpending => Resource::RLIMIT_SIGPENDING,
-        PosixRlimitType::RlimitMsgqueue => Resource::RLIMIT_MSGQUEUE,
-        PosixRlimitType::RlimitNice => Resource::RLIMIT_NICE,
-        PosixRlimitType::RlimitRtprio => Resource::RLIMIT_RTPRIO,
-        PosixRlimitType::RlimitRttime => Resource::RLIMIT_RTTIME,
-    })
-}
-
-fn apply_limits(config: &InitConfig) -> Result<(), InitError> {
-    let process = &config.process;
-    if let Some(score) = process.oom_score_adj {
-        step(
-            fs::write("/proc/self/oom_score_adj", score.to_string()),
-            || format!("setting oomScoreAdj to {score}"),
-        )?;
-    }
-    for limit in &process.rlimits {
-        if let Some(resource) = rlimit_resource(limit.resource) {
-            step(setrlimit(resource, limit.soft, limit.hard), || {
-                format!(
-                    "setting {:?} to soft {} hard {}",
-                    limit.resource, limit.soft, limit.hard
-                )
-            })?;
-        }
-    }
-    Ok(())
-}
-
-/// Working directory, groups, gid, uid, umask, no_new_privs; then finds the
-/// program with the container's credentials.
-fn become_user(config: &InitConfig) -> Result<PathBuf, InitError> {
-    let process = &config.process;
-    let cwd = &process.cwd;
-    // Create the working directory as root, like runc; enter it before and,
-    // if that failed (root squashing on a share), after dropping privileges.
-    let _ = fs::create_dir_all(cwd);
-    let entered = unistd::chdir(cwd.as_path()).is_ok();
-    let groups: Vec<Gid> = process
-        .additional_gids
-        .iter()
-        .map(|&g| Gid::from_raw(g))
-        .collect();
-    step(unistd::setgroups(&groups), || {
-        format!(
-            "setting the additional groups {:?}",
-            process.additional_gids
-        )
-    })?;
-    step(unistd::setgid(Gid::from_raw(process.gid)), || {
-        format!("setting the gid to {}", process.gid)
-    })?;
-    step(unistd::setuid(Uid::from_raw(process.uid)), || {
-        format!("setting the uid to {}", process.uid)
-    })?;
-    if !entered {
-        unistd::chdir(cwd.as_path()).map_err(|e| {
-            InitError::Spec(format!(
-                "process.cwd {}: {e}; it must be a directory the user can enter",
-                cwd.display()
-            ))
-        })?;
-    }
-    umask(Mode::from_bits_truncate(process.umask.unwrap_or(0o022)));
-    if process.no_new_privileges {
-        step(nix::sys::prctl::set_no_new_privs(), || {
-            "setting no_new_privs".to_string()
-        })?;
-    }
-    let name = &process.args[0];
-    Ok(find_program(name, path_of(&process.env), |p| {
-        unistd::access(p, AccessFlags::X_OK).is_ok()
-    })?)
-}
-
-fn exec(program: &Path, config: &InitConfig) -> Result<Infallible, InitError> {
-    let to_cstrings = |list: &[String]| -> Result<Vec<CString>, InitError> {
-        list.iter()
-            .map(|s| {
-                CString::new(s.as_bytes())
-                    .map_err(|_| InitError::Spec(format!("{s:?} contains a NUL byte")))
-            })
-            .collect()
-    };
-    let path = CString::new(program.as_os_str().as_bytes())
-        .map_err(|_| InitError::Spec("the program path contains a NUL byte".to_string()))?;
-    let args = to_cstrings(&config.process.args)?;
-    let env = to_cstrings(&config.process.env)?;
-    let errno = match unistd::execve(&path, &args, &env) {
-        Ok(never) => match never {},
-        Err(errno) => errno,
-    };
-    Err(InitError::Exec {
-        program: config.process.args[0].clone(),
-        errno,
     })
 }

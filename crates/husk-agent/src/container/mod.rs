@@ -1,10 +1,15 @@
 //! Containers in the guest: the table of them, and their lifecycle
 //! (create holds the init before exec, start releases it, remove kills and
-//! forgets).
+//! forgets). Extra processes (`exec`), process listings (`ps`) and the
+//! cgroup-backed operations live in submodules.
 
+mod exec;
+pub mod exec_stage;
 pub mod init;
 pub mod mounts;
+pub mod ps;
 pub mod spec;
+pub mod stage;
 pub mod stdio;
 pub mod storage;
 
@@ -16,16 +21,26 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use husk_protocol::agent::Storage;
+use husk_protocol::agent::{ProcessInfo, StatsContainerResponse, Storage};
+use nix::sys::inotify::WatchDescriptor;
 use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use oci_spec::runtime::LinuxResources;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+use crate::cgroup::oom::OomEvents;
+use crate::cgroup::{Cgroup, CgroupError, CgroupRoot};
 use crate::process::spawn::{clone_exec, CloneExec};
 use crate::process::stdio::FdIo;
 use crate::process::{ExitStatus, Process, Reaper, SignalError, StdinError};
+use crate::seccomp::SeccompProgram;
 use spec::{InitConfig, InitMessage, SpecError};
 use stdio::{pipe, pipe_stdio, terminal_stdio};
 use storage::StorageError;
+
+/// The descriptor number the cloned init reads its hold byte from, before
+/// it execs (the init stage closes everything above fd 5 anyway).
+const HOLD_FD: i32 = 6;
 
 /// Why a container operation failed. `crate::error` maps these to ttrpc codes.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +49,7 @@ pub enum ContainerError {
     #[error("container {0:?} does not exist; create it first (or it was already removed)")]
     NotFound(String),
     /// Unknown exec id.
-    #[error("process {exec_id:?} of container {id:?} does not exist; only the container's init (empty exec_id) can be addressed")]
+    #[error("process {exec_id:?} of container {id:?} does not exist; address the init with an empty exec_id, or an exec by the id given to ExecProcess")]
     NoSuchProcess {
         /// Container id.
         id: String,
@@ -45,8 +60,74 @@ pub enum ContainerError {
     #[error("container {0:?} already exists; remove it first or choose another id")]
     AlreadyExists(String),
     /// Bad id.
-    #[error("container id {0:?} is invalid; use 1 to 128 characters from A-Z a-z 0-9 _ . - not starting with a dot")]
+    #[error("container id {0:?} is invalid; use 1 to 128 characters from A-Z a-z 0-9 _ + . - not starting with a dot")]
     InvalidId(String),
+    /// ExecProcess without an exec id.
+    #[error("ExecProcess for container {0:?} has an empty exec_id; name the process (the empty id is the init)")]
+    EmptyExecId(String),
+    /// Duplicate exec id.
+    #[error("container {id:?} already has a process {exec_id:?}; choose another exec_id")]
+    ExecExists {
+        /// Container id.
+        id: String,
+        /// Exec id.
+        exec_id: String,
+    },
+    /// The exec is still starting.
+    #[error(
+        "process {exec_id:?} of container {id:?} is still starting; wait for ExecProcess to return"
+    )]
+    ExecStarting {
+        /// Container id.
+        id: String,
+        /// Exec id.
+        exec_id: String,
+    },
+    /// Exec into a container whose init is gone.
+    #[error("container {id:?} is not running (its init {status}); exec needs a running container")]
+    NotRunning {
+        /// Container id.
+        id: String,
+        /// How its init ended.
+        status: ExitStatus,
+    },
+    /// The exec stage or process reported a failure.
+    #[error("exec {exec_id:?} in container {id:?}: {message}")]
+    ExecFailed {
+        /// Container id.
+        id: String,
+        /// Exec id.
+        exec_id: String,
+        /// What failed.
+        message: String,
+        /// Whether the process description is at fault.
+        invalid_spec: bool,
+    },
+    /// ResizePty of a process without a terminal.
+    #[error(
+        "process {exec_id:?} of container {id:?} has no terminal (process.terminal was false)"
+    )]
+    NoTerminal {
+        /// Container id.
+        id: String,
+        /// Exec id.
+        exec_id: String,
+    },
+    /// A cgroup operation of a container failed.
+    #[error("container {id:?}: {source}")]
+    Cgroup {
+        /// Container id.
+        id: String,
+        /// The failure.
+        #[source]
+        source: CgroupError,
+    },
+    /// The container has no cgroup (the agent runs without a cgroup root).
+    #[error("container {0:?} has no cgroup: the agent runs without cgroups (start it with --cgroup-root, or as PID 1 of the guest with cgroup2 mounted)")]
+    NoCgroup(String),
+    /// UpdateContainer's resources are not OCI JSON.
+    #[error("resources_json is not a valid OCI linux.resources object ({0})")]
+    ResourcesJson(serde_json::Error),
     /// Create has not finished.
     #[error("container {0:?} is still being created; wait for CreateContainer to return")]
     Creating(String),
@@ -128,12 +209,25 @@ struct InitControl {
     status: BufReader<FdIo>,
 }
 
+/// An extra process of a container, by exec id.
+enum ExecSlot {
+    Starting,
+    Ready(Arc<Process>),
+}
+
 /// A container: its init process and, until it is started, the pipes that
-/// hold the init before exec.
+/// hold the init before exec; its exec'd processes; its cgroup.
 pub struct Container {
     id: String,
-    process: Process,
+    process: Arc<Process>,
     control: tokio::sync::Mutex<Option<InitControl>>,
+    execs: Mutex<HashMap<String, ExecSlot>>,
+    cgroup: Option<Cgroup>,
+    /// Whether the container has its own PID namespace.
+    pid_namespace: bool,
+    /// The container's compiled seccomp filter, for its execs.
+    seccomp: Option<SeccompProgram>,
+    oom_watch: Option<WatchDescriptor>,
 }
 
 impl Container {
@@ -145,6 +239,43 @@ impl Container {
     /// The container's init process.
     pub fn process(&self) -> &Process {
         &self.process
+    }
+
+    fn execs(&self) -> MutexGuard<'_, HashMap<String, ExecSlot>> {
+        self.execs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The exec'd processes that finished starting, by exec id.
+    fn exec_processes(&self) -> Vec<(String, Arc<Process>)> {
+        self.execs()
+            .iter()
+            .filter_map(|(id, slot)| match slot {
+                ExecSlot::Ready(p) => Some((id.clone(), Arc::clone(p))),
+                ExecSlot::Starting => None,
+            })
+            .collect()
+    }
+
+    /// Every process of the container the agent can find: its cgroup's,
+    /// or (without cgroups) by PID namespace or descent from the init and
+    /// the execs.
+    fn pids(&self) -> Vec<i32> {
+        let mut pids = match &self.cgroup {
+            Some(cgroup) => cgroup.pids(),
+            None => {
+                let roots: Vec<i32> = std::iter::once(self.process.pid().as_raw())
+                    .chain(self.exec_processes().iter().map(|(_, p)| p.pid().as_raw()))
+                    .collect();
+                ps::related_pids(&roots, self.pid_namespace)
+            }
+        };
+        let init = self.process.pid().as_raw();
+        if self.process.exit_status().is_none() && !pids.contains(&init) {
+            pids.push(init);
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        pids
     }
 }
 
@@ -160,13 +291,18 @@ pub struct ContainerOptions {
     pub agent_exe: CString,
     /// Kill containers when the agent dies (the agent as a plain process).
     pub die_with_agent: bool,
+    /// Where containers' cgroups go; `None` runs without cgroups (resources
+    /// are then ignored, and Update/Stats fail).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl Default for ContainerOptions {
+    /// The options of the agent as PID 1 of the guest.
     fn default() -> Self {
         Self {
             agent_exe: CString::from(c"/proc/self/exe"),
             die_with_agent: false,
+            cgroup_root: Some(PathBuf::from(crate::cgroup::GUEST_ROOT)),
         }
     }
 }
@@ -177,6 +313,8 @@ pub struct Containers {
     reaper: Arc<Reaper>,
     storages: tokio::sync::Mutex<()>,
     options: ContainerOptions,
+    cgroups: Option<CgroupRoot>,
+    oom: Arc<OomEvents>,
 }
 
 /// Removes a reserved id unless the create that reserved it succeeded.
@@ -201,7 +339,33 @@ pub fn valid_id(id: &str) -> bool {
         && !id.starts_with('.')
         && id
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '.' | '-'))
+}
+
+/// Why a held child could not be prepared.
+enum HoldError {
+    Cgroup(CgroupError),
+    Io(&'static str, io::Error),
+}
+
+/// Places a held child in its cgroup and writes its user namespace's id
+/// maps (runc's order: cgroup first, then the maps).
+fn prepare_held_init(
+    pid: Pid,
+    cgroup: Option<&Cgroup>,
+    id_maps: Option<&(String, String)>,
+) -> Result<(), HoldError> {
+    if let Some(cgroup) = cgroup {
+        cgroup.add(pid.as_raw()).map_err(HoldError::Cgroup)?;
+    }
+    if let Some((uid_map, gid_map)) = id_maps {
+        let proc = PathBuf::from(format!("/proc/{pid}"));
+        std::fs::write(proc.join("uid_map"), uid_map)
+            .map_err(|e| HoldError::Io("writing linux.uidMappings to uid_map", e))?;
+        std::fs::write(proc.join("gid_map"), gid_map)
+            .map_err(|e| HoldError::Io("writing linux.gidMappings to gid_map", e))?;
+    }
+    Ok(())
 }
 
 /// Reads the init stage's next message; `None` at end-of-file. Warnings are
@@ -232,7 +396,9 @@ impl Containers {
             table: Mutex::new(HashMap::new()),
             reaper,
             storages: tokio::sync::Mutex::new(()),
+            cgroups: options.cgroup_root.clone().map(CgroupRoot::new),
             options,
+            oom: Arc::new(OomEvents::default()),
         }
     }
 
@@ -249,17 +415,25 @@ impl Containers {
         }
     }
 
-    /// The container owning process `(id, exec_id)`; only the init (empty
-    /// exec_id) exists.
-    pub fn get_process(&self, id: &str, exec_id: &str) -> Result<Arc<Container>, ContainerError> {
+    /// Process `(id, exec_id)`: the init for an empty exec_id, otherwise
+    /// the exec of that id.
+    pub fn get_process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>, ContainerError> {
         let container = self.get(id)?;
-        if !exec_id.is_empty() {
-            return Err(ContainerError::NoSuchProcess {
+        if exec_id.is_empty() {
+            return Ok(Arc::clone(&container.process));
+        }
+        let execs = container.execs();
+        match execs.get(exec_id) {
+            Some(ExecSlot::Ready(process)) => Ok(Arc::clone(process)),
+            Some(ExecSlot::Starting) => Err(ContainerError::ExecStarting {
                 id: id.to_string(),
                 exec_id: exec_id.to_string(),
-            });
+            }),
+            None => Err(ContainerError::NoSuchProcess {
+                id: id.to_string(),
+                exec_id: exec_id.to_string(),
+            }),
         }
-        Ok(container)
     }
 
     /// Mounts the storages, builds the container and holds its init before
@@ -292,36 +466,125 @@ impl Containers {
         if !config.rootfs.is_dir() {
             return Err(ContainerError::RootfsMissing(config.rootfs.clone()));
         }
+        let id_maps = spec::id_maps(&spec)?;
         let (namespaces, notes) = spec::clone_flags(&spec);
-        for note in notes {
+        for note in notes.iter().chain(&spec::ignored_features(&spec)) {
             tracing::warn!(container = id, "{note}");
         }
-        let unapplied = spec::unapplied_features(&spec);
-        if !unapplied.is_empty() {
-            tracing::info!(
-                container = id,
-                "not applied in the guest yet: {}",
-                unapplied.join(", ")
-            );
-        }
-        let console_size = spec
-            .process()
-            .as_ref()
-            .and_then(|p| p.console_size())
-            .map(|b| {
-                (
-                    b.height().min(u16::MAX as u64) as u16,
-                    b.width().min(u16::MAX as u64) as u16,
-                )
-            });
-        let container = self
-            .spawn_init(id, &mut config, namespaces, console_size)
-            .await?;
-        self.table()
-            .insert(id.to_string(), Slot::Ready(Arc::new(container)));
+        let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+        let cgroup = self.create_cgroup(id, resources)?;
+        let console_size = config.process.console_size;
+        let spawned = self
+            .spawn_init(
+                id,
+                &mut config,
+                namespaces,
+                console_size,
+                cgroup.as_ref(),
+                id_maps.as_ref(),
+            )
+            .await;
+        let (process, control) = match spawned {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                if let Some(cgroup) = &cgroup {
+                    if let Err(error) = cgroup.remove().await {
+                        tracing::warn!(container = id, "{error}");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let oom_watch = cgroup.as_ref().and_then(|c| {
+            self.oom
+                .watch(id, c.path().to_path_buf())
+                .map_err(|e| {
+                    // No memory.events: the kernel offers no memory controller.
+                    tracing::debug!(container = id, "not watching for OOM kills: {e}")
+                })
+                .ok()
+        });
+        let container = Arc::new(Container {
+            id: id.to_string(),
+            process: Arc::new(process),
+            control: tokio::sync::Mutex::new(Some(control)),
+            execs: Mutex::new(HashMap::new()),
+            cgroup,
+            pid_namespace: namespaces.contains(nix::sched::CloneFlags::CLONE_NEWPID),
+            seccomp: config.seccomp.take(),
+            oom_watch,
+        });
+        self.watch_init(&container);
+        self.table().insert(id.to_string(), Slot::Ready(container));
         reservation.done = true;
         tracing::info!(container = id, "created");
         Ok(())
+    }
+
+    /// The container's cgroup with `resources` applied, or `None` when the
+    /// agent runs without cgroups.
+    fn create_cgroup(
+        &self,
+        id: &str,
+        resources: Option<&LinuxResources>,
+    ) -> Result<Option<Cgroup>, ContainerError> {
+        let cgroup_error = |source| ContainerError::Cgroup {
+            id: id.to_string(),
+            source,
+        };
+        let Some(root) = &self.cgroups else {
+            if resources.is_some() {
+                tracing::info!(
+                    container = id,
+                    "linux.resources ignored: the agent runs without cgroups"
+                );
+            }
+            return Ok(None);
+        };
+        let cgroup = match root.create(id) {
+            Ok(cgroup) => cgroup,
+            Err(error @ CgroupError::Root { .. }) => {
+                tracing::warn!(container = id, "running without a cgroup: {error}");
+                return Ok(None);
+            }
+            Err(error) => return Err(cgroup_error(error)),
+        };
+        if let Some(resources) = resources {
+            match cgroup.apply(resources) {
+                Ok(notes) => {
+                    for note in notes {
+                        tracing::warn!(container = id, "{note}");
+                    }
+                }
+                Err(error) => {
+                    let _ = std::fs::remove_dir(cgroup.path());
+                    return Err(cgroup_error(error));
+                }
+            }
+        }
+        Ok(Some(cgroup))
+    }
+
+    /// When the init exits, its exec'd processes (and, without a PID
+    /// namespace, everything else in its cgroup) are killed, as runc does.
+    fn watch_init(&self, container: &Arc<Container>) {
+        let process = Arc::clone(&container.process);
+        let weak = Arc::downgrade(container);
+        let reaper = Arc::clone(&self.reaper);
+        tokio::spawn(async move {
+            process.wait().await;
+            let Some(container) = weak.upgrade() else {
+                return;
+            };
+            for (_, exec) in container.exec_processes() {
+                let _ = reaper.signal(exec.pid(), Signal::SIGKILL as i32);
+            }
+            if !container.pid_namespace {
+                if let Some(cgroup) = &container.cgroup {
+                    cgroup.kill_all();
+                }
+            }
+        });
     }
 
     async fn mount_storages(&self, storages: &[Storage]) -> Result<(), ContainerError> {
@@ -349,7 +612,9 @@ impl Containers {
         config: &mut InitConfig,
         namespaces: nix::sched::CloneFlags,
         console_size: Option<(u16, u16)>,
-    ) -> Result<Container, ContainerError> {
+        cgroup: Option<&Cgroup>,
+        id_maps: Option<&(String, String)>,
+    ) -> Result<(Process, InitControl), ContainerError> {
         let io_err = |what: &'static str| {
             move |source: io::Error| ContainerError::Io {
                 id: id.to_string(),
@@ -371,6 +636,7 @@ impl Containers {
         let (config_r, config_w) = pipe().map_err(io_err("creating the config pipe"))?;
         let (status_r, status_w) = pipe().map_err(io_err("creating the status pipe"))?;
         let (start_r, start_w) = pipe().map_err(io_err("creating the start pipe"))?;
+        let (hold_r, hold_w) = pipe().map_err(io_err("creating the hold pipe"))?;
 
         let argv = [CString::from(c"husk-agent"), CString::from(c"init")];
         let request = CloneExec {
@@ -384,8 +650,11 @@ impl Containers {
                 (config_r.as_fd(), init::CONFIG_FD),
                 (status_w.as_fd(), init::STATUS_FD),
                 (start_r.as_fd(), init::START_FD),
+                (hold_r.as_fd(), HOLD_FD),
             ],
             parent_death_signal: self.options.die_with_agent.then_some(Signal::SIGKILL),
+            hold_fd: Some(HOLD_FD),
+            become_userns_root: id_maps.is_some(),
         };
         // Called on a runtime worker thread (this is an async fn, not a
         // blocking task), which lives as long as the agent: see
@@ -395,7 +664,7 @@ impl Containers {
             .spawn(|| clone_exec(&request))
             .map_err(io_err("starting the container init (clone)"))?;
         drop(request);
-        drop((stdio.child, config_r, status_w, start_r));
+        drop((stdio.child, config_r, status_w, start_r, hold_r));
         tracing::debug!(container = id, pid = pid.as_raw(), "container init started");
         let process = Process::new(
             pid,
@@ -404,7 +673,29 @@ impl Containers {
             stdio.stdout,
             stdio.stderr,
             stdio.pumps,
-        );
+        )
+        .with_terminal(stdio.master);
+
+        // The init waits before exec for its cgroup and its id maps.
+        let placed = prepare_held_init(pid, cgroup, id_maps);
+        if let Err(error) = placed {
+            let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
+            process.wait().await;
+            return Err(match error {
+                HoldError::Cgroup(source) => ContainerError::Cgroup {
+                    id: id.to_string(),
+                    source,
+                },
+                HoldError::Io(what, source) => ContainerError::Io {
+                    id: id.to_string(),
+                    what,
+                    source,
+                },
+            });
+        }
+        // One byte into an empty pipe never blocks; a dead child is noticed
+        // below through its status pipe.
+        let _ = File::from(hold_w).write_all(b"g");
 
         let mut status =
             BufReader::new(FdIo::new(status_r).map_err(io_err("watching the status pipe"))?);
@@ -430,7 +721,7 @@ impl Containers {
             }),
             // End-of-file (or an unreadable pipe) before Ready: the init died;
             // its exit status is filled in below.
-            Ok(Some(InitMessage::Warning(_))) | Ok(None) | Err(_) => {
+            Ok(Some(InitMessage::Warning(_) | InitMessage::Pid(_))) | Ok(None) | Err(_) => {
                 Some(ContainerError::InitDied {
                     id: id.to_string(),
                     status: ExitStatus::exited(-1),
@@ -448,11 +739,7 @@ impl Containers {
             });
         }
         let start = File::from(start_w);
-        Ok(Container {
-            id: id.to_string(),
-            process,
-            control: tokio::sync::Mutex::new(Some(InitControl { start, status })),
-        })
+        Ok((process, InitControl { start, status }))
     }
 
     /// Releases the init into the container's program; returns once it was
@@ -508,10 +795,19 @@ impl Containers {
         }
     }
 
-    /// Sends `signal` to the container's init.
-    pub fn signal(&self, id: &str, exec_id: &str, signal: i32) -> Result<(), ContainerError> {
-        let container = self.get_process(id, exec_id)?;
-        let process = container.process();
+    /// Sends `signal` to process `(id, exec_id)`, or with `all` to every
+    /// process of the container.
+    pub fn signal(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), ContainerError> {
+        if all {
+            return self.signal_all(id, signal);
+        }
+        let process = self.get_process(id, exec_id)?;
         self.reaper
             .signal(process.pid(), signal)
             .map_err(|source| match source {
@@ -530,16 +826,49 @@ impl Containers {
             })
     }
 
-    /// Writes to the init's stdin.
+    fn signal_all(&self, id: &str, signal: i32) -> Result<(), ContainerError> {
+        let container = self.get(id)?;
+        let sig = match signal {
+            0 => None,
+            n => Some(Signal::try_from(n).map_err(|_| ContainerError::BadSignal(n))?),
+        };
+        let pids = container.pids();
+        if pids.is_empty() {
+            return Err(ContainerError::Exited {
+                id: id.to_string(),
+                status: container
+                    .process
+                    .exit_status()
+                    .unwrap_or(ExitStatus::exited(-1)),
+            });
+        }
+        if sig == Some(Signal::SIGKILL) {
+            if let Some(cgroup) = &container.cgroup {
+                cgroup.kill_all();
+            }
+        }
+        tracing::debug!(
+            container = id,
+            signal,
+            count = pids.len(),
+            "signalling all processes"
+        );
+        for pid in pids {
+            // Processes may exit meanwhile; that is fine.
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
+        }
+        Ok(())
+    }
+
+    /// Writes to a process's stdin.
     pub async fn write_stdin(
         &self,
         id: &str,
         exec_id: &str,
         data: &[u8],
     ) -> Result<usize, ContainerError> {
-        let container = self.get_process(id, exec_id)?;
-        container
-            .process()
+        let process = self.get_process(id, exec_id)?;
+        process
             .stdin
             .write(data)
             .await
@@ -549,11 +878,10 @@ impl Containers {
             })
     }
 
-    /// Closes the init's stdin.
+    /// Closes a process's stdin.
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), ContainerError> {
-        let container = self.get_process(id, exec_id)?;
-        container
-            .process()
+        let process = self.get_process(id, exec_id)?;
+        process
             .stdin
             .close()
             .await
@@ -563,7 +891,8 @@ impl Containers {
             })
     }
 
-    /// Kills the container if it still runs, waits for it, and forgets it.
+    /// Kills the container if it still runs (with its exec'd processes),
+    /// waits for them, removes its cgroup, and forgets it.
     pub async fn remove(&self, id: &str) -> Result<(), ContainerError> {
         let container = self.get(id)?;
         let process = container.process();
@@ -579,6 +908,19 @@ impl Containers {
             }
         }
         let exit = process.wait().await;
+        for (_, exec) in container.exec_processes() {
+            let _ = self.reaper.signal(exec.pid(), Signal::SIGKILL as i32);
+            exec.wait().await;
+        }
+        if let Some(cgroup) = &container.cgroup {
+            cgroup.kill_all();
+            if let Err(error) = cgroup.remove().await {
+                tracing::warn!(container = id, "{error}");
+            }
+        }
+        if let Some(wd) = container.oom_watch {
+            self.oom.unwatch(wd);
+        }
         {
             let mut table = self.table();
             if matches!(table.get(id), Some(Slot::Ready(c)) if Arc::ptr_eq(c, &container)) {
@@ -599,14 +941,104 @@ impl Containers {
                 Slot::Creating => None,
             })
             .collect();
-        // Every registered child is a container init, including those still
-        // being created.
+        // Every registered child is a container init or exec, including
+        // those still being created.
         for pid in self.reaper.pids() {
             let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
         }
         for container in containers {
             container.process().wait().await;
+            for (_, exec) in container.exec_processes() {
+                exec.wait().await;
+            }
+            if let Some(cgroup) = &container.cgroup {
+                cgroup.kill_all();
+                if let Err(error) = cgroup.remove().await {
+                    tracing::warn!(container = %container.id, "{error}");
+                }
+            }
         }
+    }
+
+    /// Sets the terminal size of process `(id, exec_id)`.
+    pub fn resize_pty(
+        &self,
+        id: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), ContainerError> {
+        let process = self.get_process(id, exec_id)?;
+        let Some(terminal) = process.terminal() else {
+            return Err(ContainerError::NoTerminal {
+                id: id.to_string(),
+                exec_id: exec_id.to_string(),
+            });
+        };
+        let clamp = |v: u32| v.min(u16::MAX as u32) as u16;
+        crate::sys::set_window_size(terminal, clamp(rows), clamp(cols)).map_err(|source| {
+            ContainerError::Io {
+                id: id.to_string(),
+                what: "setting the terminal size",
+                source,
+            }
+        })
+    }
+
+    /// The processes of container `id`.
+    pub fn list_processes(&self, id: &str) -> Result<Vec<ProcessInfo>, ContainerError> {
+        let container = self.get(id)?;
+        let execs: HashMap<i32, String> = container
+            .exec_processes()
+            .into_iter()
+            .map(|(exec_id, p)| (p.pid().as_raw(), exec_id))
+            .collect();
+        Ok(container
+            .pids()
+            .into_iter()
+            .filter_map(|pid| {
+                let mut info = ps::process_info(pid)?;
+                info.exec_id = execs.get(&pid).cloned().unwrap_or_default();
+                Some(info)
+            })
+            .collect())
+    }
+
+    fn cgroup_of<'a>(&self, container: &'a Container) -> Result<&'a Cgroup, ContainerError> {
+        container
+            .cgroup
+            .as_ref()
+            .ok_or_else(|| ContainerError::NoCgroup(container.id.clone()))
+    }
+
+    /// Applies new `linux.resources` to container `id`.
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), ContainerError> {
+        let container = self.get(id)?;
+        let resources: LinuxResources =
+            serde_json::from_slice(resources_json).map_err(ContainerError::ResourcesJson)?;
+        let notes = self
+            .cgroup_of(&container)?
+            .apply(&resources)
+            .map_err(|source| ContainerError::Cgroup {
+                id: id.to_string(),
+                source,
+            })?;
+        for note in notes {
+            tracing::warn!(container = id, "{note}");
+        }
+        tracing::info!(container = id, "resources updated");
+        Ok(())
+    }
+
+    /// The cgroup statistics of container `id`.
+    pub fn stats(&self, id: &str) -> Result<StatsContainerResponse, ContainerError> {
+        let container = self.get(id)?;
+        Ok(self.cgroup_of(&container)?.stats())
+    }
+
+    /// The id of the next container that had an OOM kill, waiting for one.
+    pub async fn next_oom_event(&self) -> String {
+        self.oom.next().await
     }
 }
 
@@ -617,6 +1049,7 @@ mod tests {
     #[test]
     fn container_ids() {
         assert!(valid_id("abc-1.2_3"));
+        assert!(valid_id("a+b"));
         assert!(valid_id(&"a".repeat(128)));
         assert!(!valid_id(""));
         assert!(!valid_id(".hidden"));

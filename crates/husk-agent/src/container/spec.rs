@@ -6,10 +6,14 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
 use nix::sched::CloneFlags;
-use oci_spec::runtime::{LinuxDeviceType, LinuxNamespaceType, PosixRlimitType, Spec};
+use oci_spec::runtime::{
+    LinuxDeviceType, LinuxIdMapping, LinuxNamespaceType, PosixRlimitType, Process, Spec,
+};
 use serde::{Deserialize, Serialize};
 
 use super::mounts::{parse_options, parse_propagation, MountEntry};
+use crate::caps::CapSets;
+use crate::seccomp::{self, SeccompError, SeccompProgram};
 
 /// A spec the agent cannot run. Every variant is the host's (or the
 /// bundle's) mistake, never the guest's.
@@ -53,6 +57,15 @@ pub enum SpecError {
         "hostname is set but linux.namespaces has no uts namespace; add one or drop the hostname"
     )]
     HostnameWithoutUts,
+    /// A user namespace without id mappings, or mappings without one.
+    #[error("{0}")]
+    UserNamespace(&'static str),
+    /// The seccomp profile cannot be compiled.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    /// `process_json` of ExecProcess is not an OCI process.
+    #[error("process_json is not a valid OCI process object ({0}); send the `process` of the runtime spec")]
+    ProcessJson(serde_json::Error),
 }
 
 /// One device node to create in the container's `/dev`.
@@ -110,6 +123,11 @@ pub struct ProcessConfig {
     pub no_new_privileges: bool,
     /// Written to `/proc/self/oom_score_adj`.
     pub oom_score_adj: Option<i32>,
+    /// Capability sets; `None` leaves the process the capabilities its
+    /// uid gets (all for root).
+    pub capabilities: Option<CapSets>,
+    /// `consoleSize` as (rows, columns), for a terminal.
+    pub console_size: Option<(u16, u16)>,
 }
 
 /// Everything the init stage needs, sent to it as JSON on its config pipe.
@@ -137,6 +155,11 @@ pub struct InitConfig {
     pub sysctl: Vec<(String, String)>,
     /// The terminal to bind at `/dev/console` (filled in by the agent).
     pub console: Option<PathBuf>,
+    /// Create a cgroup namespace once the agent placed the init in its
+    /// cgroup (so the container's cgroup is its root).
+    pub cgroup_namespace: bool,
+    /// The compiled `linux.seccomp`, installed right before exec.
+    pub seccomp: Option<SeccompProgram>,
     /// The program to run.
     pub process: ProcessConfig,
 }
@@ -151,6 +174,9 @@ pub enum InitMessage {
     Warning(String),
     /// Setup is done; the init blocks until the agent says start.
     Ready,
+    /// The exec stage forked the process to run (its pid in the agent's
+    /// PID namespace); it waits for the agent's go.
+    Pid(i32),
     /// Setup or exec failed; the init exits.
     Error {
         /// What failed, for the error reply.
@@ -183,32 +209,7 @@ pub fn translate(spec: &Spec) -> Result<InitConfig, SpecError> {
         return Err(SpecError::RelativeRoot(root.path().clone()));
     }
     let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
-    let args = process.args().clone().unwrap_or_default();
-    if args.is_empty() {
-        return Err(SpecError::NoArgs);
-    }
-    for arg in &args {
-        no_nul(arg, "process.args")?;
-    }
-    let env = process.env().clone().unwrap_or_default();
-    for var in &env {
-        no_nul(var, "process.env")?;
-    }
-    let cwd = process.cwd().clone();
-    if !cwd.is_absolute() {
-        return Err(SpecError::RelativeCwd(cwd));
-    }
-    let user = process.user();
-    let rlimits = process
-        .rlimits()
-        .iter()
-        .flatten()
-        .map(|r| Rlimit {
-            resource: r.typ(),
-            soft: r.soft(),
-            hard: r.hard(),
-        })
-        .collect();
+    let (process, _) = translate_process(process)?;
 
     let mounts = spec
         .mounts()
@@ -271,6 +272,14 @@ pub fn translate(spec: &Spec) -> Result<InitConfig, SpecError> {
         }
     }
 
+    let seccomp = match linux.and_then(|l| l.seccomp().as_ref()) {
+        Some(profile) => Some(seccomp::compile(profile)?.0),
+        None => None,
+    };
+    let cgroup_namespace = linux
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|n| n.iter().any(|ns| ns.typ() == LinuxNamespaceType::Cgroup));
+
     Ok(InitConfig {
         rootfs: root.path().clone(),
         readonly_rootfs: root.readonly().unwrap_or(false),
@@ -283,7 +292,63 @@ pub fn translate(spec: &Spec) -> Result<InitConfig, SpecError> {
         readonly_paths: paths(linux.and_then(|l| l.readonly_paths().as_ref())),
         sysctl,
         console: None,
-        process: ProcessConfig {
+        cgroup_namespace,
+        seccomp,
+        process,
+    })
+}
+
+/// Translates an OCI process (of the spec, or of ExecProcess), with notes
+/// about what is ignored.
+pub fn translate_process(process: &Process) -> Result<(ProcessConfig, Vec<String>), SpecError> {
+    let args = process.args().clone().unwrap_or_default();
+    if args.is_empty() {
+        return Err(SpecError::NoArgs);
+    }
+    for arg in &args {
+        no_nul(arg, "process.args")?;
+    }
+    let env = process.env().clone().unwrap_or_default();
+    for var in &env {
+        no_nul(var, "process.env")?;
+    }
+    let cwd = process.cwd().clone();
+    if !cwd.is_absolute() {
+        return Err(SpecError::RelativeCwd(cwd));
+    }
+    let user = process.user();
+    let rlimits = process
+        .rlimits()
+        .iter()
+        .flatten()
+        .map(|r| Rlimit {
+            resource: r.typ(),
+            soft: r.soft(),
+            hard: r.hard(),
+        })
+        .collect();
+    let mut notes = Vec::new();
+    let capabilities = process.capabilities().as_ref().map(|caps| {
+        let (sets, skipped) = CapSets::from_spec(caps);
+        notes.extend(skipped);
+        sets
+    });
+    if process
+        .apparmor_profile()
+        .as_deref()
+        .is_some_and(|p| !p.is_empty())
+    {
+        notes.push("process.apparmorProfile ignored: the guest kernel has no AppArmor".to_string());
+    }
+    if process
+        .selinux_label()
+        .as_deref()
+        .is_some_and(|l| !l.is_empty())
+    {
+        notes.push("process.selinuxLabel ignored: the guest kernel has no SELinux".to_string());
+    }
+    Ok((
+        ProcessConfig {
             args,
             env,
             cwd,
@@ -295,8 +360,55 @@ pub fn translate(spec: &Spec) -> Result<InitConfig, SpecError> {
             rlimits,
             no_new_privileges: process.no_new_privileges().unwrap_or(false),
             oom_score_adj: process.oom_score_adj(),
+            capabilities,
+            console_size: process.console_size().map(|b| {
+                (
+                    b.height().min(u16::MAX as u64) as u16,
+                    b.width().min(u16::MAX as u64) as u16,
+                )
+            }),
         },
-    })
+        notes,
+    ))
+}
+
+/// Parses and translates ExecProcess's `process_json`.
+pub fn parse_exec_process(json: &[u8]) -> Result<(ProcessConfig, Vec<String>), SpecError> {
+    let process: Process = serde_json::from_slice(json).map_err(SpecError::ProcessJson)?;
+    translate_process(&process)
+}
+
+/// One line of `/proc/<pid>/uid_map` or `gid_map`.
+fn map_line(m: &LinuxIdMapping) -> String {
+    format!("{} {} {}\n", m.container_id(), m.host_id(), m.size())
+}
+
+/// The id maps of a container with a user namespace: `(uid_map, gid_map)`
+/// contents, or `None` without one.
+pub fn id_maps(spec: &Spec) -> Result<Option<(String, String)>, SpecError> {
+    let linux = spec.linux().as_ref();
+    let has_userns = linux
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|n| n.iter().any(|ns| ns.typ() == LinuxNamespaceType::User));
+    let uids = linux
+        .and_then(|l| l.uid_mappings().as_ref())
+        .filter(|m| !m.is_empty());
+    let gids = linux
+        .and_then(|l| l.gid_mappings().as_ref())
+        .filter(|m| !m.is_empty());
+    match (has_userns, uids, gids) {
+        (false, None, None) => Ok(None),
+        (false, _, _) => Err(SpecError::UserNamespace(
+            "linux.uidMappings/gidMappings are set but linux.namespaces has no user namespace; add one or drop the mappings",
+        )),
+        (true, Some(uids), Some(gids)) => Ok(Some((
+            uids.iter().map(map_line).collect(),
+            gids.iter().map(map_line).collect(),
+        ))),
+        (true, _, _) => Err(SpecError::UserNamespace(
+            "the user namespace needs linux.uidMappings and linux.gidMappings",
+        )),
+    }
 }
 
 fn translate_mount(mount: &oci_spec::runtime::Mount) -> Result<MountEntry, SpecError> {
@@ -332,11 +444,13 @@ fn translate_mount(mount: &oci_spec::runtime::Mount) -> Result<MountEntry, SpecE
 /// spec asks for that the agent does not provide.
 ///
 /// The mount namespace is always new (the init pivots into the rootfs).
-/// PID, UTS, IPC and cgroup namespaces are new when the spec lists them;
+/// PID, UTS, IPC and user namespaces are new when the spec lists them;
 /// one it leaves out is shared with the guest (its "host" is the VM, as
-/// under runc a missing namespace is the host's). The container shares the
-/// VM's network namespace (the VM is the sandbox, as in Kata), so a
-/// `network` entry is satisfied by the guest's own namespace.
+/// under runc a missing namespace is the host's). A cgroup namespace is
+/// created by the init itself once it is in its cgroup (see
+/// `InitConfig::cgroup_namespace`), so it is not among these flags. The
+/// container shares the VM's network namespace (the VM is the sandbox, as
+/// in Kata), so a `network` entry is satisfied by the guest's own namespace.
 pub fn clone_flags(spec: &Spec) -> (CloneFlags, Vec<String>) {
     let mut flags = CloneFlags::CLONE_NEWNS;
     let mut notes = Vec::new();
@@ -359,12 +473,9 @@ pub fn clone_flags(spec: &Spec) -> (CloneFlags, Vec<String>) {
             LinuxNamespaceType::Pid => flags |= CloneFlags::CLONE_NEWPID,
             LinuxNamespaceType::Uts => flags |= CloneFlags::CLONE_NEWUTS,
             LinuxNamespaceType::Ipc => flags |= CloneFlags::CLONE_NEWIPC,
-            LinuxNamespaceType::Cgroup => flags |= CloneFlags::CLONE_NEWCGROUP,
+            LinuxNamespaceType::Cgroup => {}
             LinuxNamespaceType::Network => {}
-            LinuxNamespaceType::User => notes.push(
-                "user namespaces are not supported yet; the container runs with the guest's ids"
-                    .to_string(),
-            ),
+            LinuxNamespaceType::User => flags |= CloneFlags::CLONE_NEWUSER,
             LinuxNamespaceType::Time => notes.push(
                 "time namespaces are not supported yet; the container shares the guest's clocks"
                     .to_string(),
@@ -374,35 +485,38 @@ pub fn clone_flags(spec: &Spec) -> (CloneFlags, Vec<String>) {
     (flags, notes)
 }
 
-/// Spec features the agent accepts but does not apply yet, for one log line.
-pub fn unapplied_features(spec: &Spec) -> Vec<&'static str> {
-    let mut features = Vec::new();
+/// Spec features the agent ignores, for the log: the process's own notes
+/// (AppArmor, SELinux, unknown capabilities), seccomp notes, hooks (run by
+/// the host runtime) and the like.
+pub fn ignored_features(spec: &Spec) -> Vec<String> {
+    let mut notes = Vec::new();
     if let Some(process) = spec.process() {
-        if process.capabilities().is_some() {
-            features.push("process.capabilities");
-        }
-        if process.apparmor_profile().is_some() {
-            features.push("process.apparmorProfile");
-        }
-        if process.selinux_label().is_some() {
-            features.push("process.selinuxLabel");
+        if let Ok((_, process_notes)) = translate_process(process) {
+            notes.extend(process_notes);
         }
     }
     if let Some(linux) = spec.linux() {
-        if linux.seccomp().is_some() {
-            features.push("linux.seccomp");
+        if let Some(Ok((_, seccomp_notes))) = linux.seccomp().as_ref().map(seccomp::compile) {
+            notes.extend(seccomp_notes);
         }
-        if linux.resources().is_some() {
-            features.push("linux.resources");
+        if linux
+            .mount_label()
+            .as_deref()
+            .is_some_and(|l| !l.is_empty())
+        {
+            notes.push("linux.mountLabel ignored: the guest kernel has no SELinux".to_string());
         }
-        if linux.uid_mappings().is_some() || linux.gid_mappings().is_some() {
-            features.push("linux.uidMappings/gidMappings");
+        if linux.intel_rdt().is_some() {
+            notes.push("linux.intelRdt ignored: the guest has no RDT".to_string());
+        }
+        if linux.personality().is_some() {
+            notes.push("linux.personality ignored".to_string());
         }
     }
     if spec.hooks().is_some() {
-        features.push("hooks");
+        notes.push("hooks are run by the host runtime, not in the guest".to_string());
     }
-    features
+    notes
 }
 
 /// The PATH of an environment list (`PATH=...`), or the default.
@@ -568,15 +682,18 @@ mod tests {
     #[test]
     fn namespaces_and_notes() {
         let (flags, notes) = clone_flags(&spec_of(runc_spec()));
-        assert!(flags.contains(
+        assert_eq!(
+            flags,
             CloneFlags::CLONE_NEWNS
                 | CloneFlags::CLONE_NEWPID
                 | CloneFlags::CLONE_NEWUTS
                 | CloneFlags::CLONE_NEWIPC
-                | CloneFlags::CLONE_NEWCGROUP
-        ));
+                | CloneFlags::CLONE_NEWUSER
+        );
+        // The init makes its cgroup namespace itself, once in its cgroup.
+        assert!(!flags.contains(CloneFlags::CLONE_NEWCGROUP));
         assert!(!flags.contains(CloneFlags::CLONE_NEWNET));
-        assert!(!flags.contains(CloneFlags::CLONE_NEWUSER));
+        assert!(notes.is_empty(), "{notes:?}");
 
         // A namespace the spec leaves out is the guest's.
         let mut s = runc_spec();
@@ -584,10 +701,59 @@ mod tests {
         s.as_object_mut().unwrap().remove("hostname");
         let (flags, _) = clone_flags(&spec_of(s));
         assert_eq!(flags, CloneFlags::CLONE_NEWNS);
+        let mut s = runc_spec();
+        s["process"]["apparmorProfile"] = "docker-default".into();
+        s["process"]["capabilities"]["bounding"] = serde_json::json!(["CAP_KILL"]);
+        let notes = ignored_features(&spec_of(s));
         assert_eq!(notes.len(), 1, "{notes:?}");
-        assert!(notes[0].contains("user namespaces"));
-        let features = unapplied_features(&spec_of(runc_spec()));
-        assert_eq!(features, vec!["process.capabilities"]);
+        assert!(notes[0].contains("AppArmor"), "{notes:?}");
+    }
+
+    #[test]
+    fn user_namespace_maps() {
+        let mut s = runc_spec();
+        assert!(matches!(
+            id_maps(&spec_of(s.clone())),
+            Err(SpecError::UserNamespace(_))
+        ));
+        s["linux"]["uidMappings"] =
+            serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        s["linux"]["gidMappings"] = serde_json::json!([
+            {"containerID": 0, "hostID": 200000, "size": 1000},
+            {"containerID": 1000, "hostID": 1000, "size": 1}
+        ]);
+        let (uids, gids) = id_maps(&spec_of(s.clone())).unwrap().unwrap();
+        assert_eq!(uids, "0 100000 65536\n");
+        assert_eq!(gids, "0 200000 1000\n1000 1000 1\n");
+        s["linux"]["namespaces"] = serde_json::json!([{"type": "mount"}]);
+        s.as_object_mut().unwrap().remove("hostname");
+        assert!(id_maps(&spec_of(s.clone())).is_err());
+        s["linux"].as_object_mut().unwrap().remove("uidMappings");
+        s["linux"].as_object_mut().unwrap().remove("gidMappings");
+        assert_eq!(id_maps(&spec_of(s)).unwrap(), None);
+    }
+
+    #[test]
+    fn exec_process_json() {
+        let (process, notes) = parse_exec_process(
+            br#"{"args": ["sh"], "cwd": "/", "user": {"uid": 5, "gid": 6},
+                "terminal": true, "capabilities": {"bounding": ["CAP_CHOWN"]},
+                "selinuxLabel": "x"}"#,
+        )
+        .unwrap();
+        assert_eq!(process.args, vec!["sh"]);
+        assert_eq!((process.uid, process.gid), (5, 6));
+        assert!(process.terminal);
+        assert_eq!(process.capabilities.unwrap().bounding, 1);
+        assert_eq!(notes.len(), 1);
+        assert!(matches!(
+            parse_exec_process(b"[]"),
+            Err(SpecError::ProcessJson(_))
+        ));
+        assert!(matches!(
+            parse_exec_process(br#"{"args": [], "cwd": "/", "user": {"uid": 0, "gid": 0}}"#),
+            Err(SpecError::NoArgs)
+        ));
     }
 
     #[test]

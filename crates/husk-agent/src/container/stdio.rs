@@ -32,6 +32,8 @@ pub struct Stdio {
     pub pumps: Vec<tokio::task::JoinHandle<()>>,
     /// The terminal's slave path, for `/dev/console`.
     pub console: Option<PathBuf>,
+    /// The terminal master (for resizing).
+    pub master: Option<OwnedFd>,
 }
 
 /// A pty of `size` (rows, columns) for container `id`.
@@ -52,6 +54,7 @@ pub fn terminal_stdio(id: &str, size: Option<(u16, u16)>) -> io::Result<Stdio> {
         crate::sys::set_window_size(master.as_fd(), rows, cols)?;
     }
     let writer = master.try_clone()?;
+    let resizer = master.try_clone()?;
     let stdout = OutputBuffer::new(OUTPUT_BUFFER_CAPACITY);
     let pump = spawn_pump(
         FdIo::terminal(master)?,
@@ -65,6 +68,7 @@ pub fn terminal_stdio(id: &str, size: Option<(u16, u16)>) -> io::Result<Stdio> {
         stderr: OutputBuffer::closed(),
         pumps: vec![pump],
         console: Some(slave_path),
+        master: Some(resizer),
     })
 }
 
@@ -94,5 +98,6 @@ pub fn pipe_stdio(id: &str) -> io::Result<Stdio> {
         stderr,
         pumps,
         console: None,
+        master: None,
     })
 }

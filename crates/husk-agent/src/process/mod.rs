@@ -6,6 +6,7 @@ pub mod spawn;
 pub mod stdio;
 
 use std::fmt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use nix::sys::wait::WaitStatus;
@@ -73,6 +74,7 @@ pub struct Process {
     /// Its stderr (at end-of-file from the start for a terminal).
     pub stderr: Arc<OutputBuffer>,
     pumps: Vec<JoinHandle<()>>,
+    terminal: Option<OwnedFd>,
 }
 
 impl Process {
@@ -92,7 +94,19 @@ impl Process {
             stdout,
             stderr,
             pumps,
+            terminal: None,
         }
+    }
+
+    /// Records the terminal master of a process that has one (for resizing).
+    pub fn with_terminal(mut self, master: Option<OwnedFd>) -> Self {
+        self.terminal = master;
+        self
+    }
+
+    /// Its terminal master, if it has a terminal.
+    pub fn terminal(&self) -> Option<BorrowedFd<'_>> {
+        self.terminal.as_ref().map(|fd| fd.as_fd())
     }
 
     /// Its pid in the agent's PID namespace.

@@ -36,6 +36,13 @@ pub struct CloneExec<'a> {
     /// a killed agent; the cloning thread must live as long as the agent
     /// (a tokio worker thread, never a blocking-pool thread).
     pub parent_death_signal: Option<Signal>,
+    /// A descriptor number of the child (a target in `fds`) that it reads one
+    /// byte from before it execs, so the agent can act on the new pid first:
+    /// place it in its cgroup, write its user namespace's id maps.
+    pub hold_fd: Option<RawFd>,
+    /// After the hold, become uid and gid 0 of the (new) user namespace, so
+    /// that the exec'd stage keeps its capabilities there.
+    pub become_userns_root: bool,
 }
 
 /// Clones and execs; returns the child's pid (in the agent's PID namespace).
@@ -64,6 +71,10 @@ pub fn clone_exec(req: &CloneExec<'_>) -> io::Result<Pid> {
     argv.push(std::ptr::null());
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
     let death_signal = req.parent_death_signal.map_or(0, |s| s as libc::c_ulong);
+    let after = AfterClone {
+        hold_fd: req.hold_fd.unwrap_or(-1),
+        become_userns_root: req.become_userns_root,
+    };
     let flags = req.namespaces.bits() as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
 
     // Block every signal across the clone so that no handler of the agent
@@ -92,7 +103,16 @@ pub fn clone_exec(req: &CloneExec<'_>) -> io::Result<Pid> {
         // are valid copies of the parent's prepared data, and `argv`/`envp`
         // are null-terminated arrays of pointers to NUL-terminated strings
         // that live as long as the copied `req`.
-        unsafe { exec_child(&pairs, death_signal, req.program.as_ptr(), &argv, &envp) }
+        unsafe {
+            exec_child(
+                &pairs,
+                death_signal,
+                after,
+                req.program.as_ptr(),
+                &argv,
+                &envp,
+            )
+        }
     }
     let clone_error = io::Error::last_os_error();
     let restored = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&saved), None);
@@ -104,6 +124,13 @@ pub fn clone_exec(req: &CloneExec<'_>) -> io::Result<Pid> {
     Ok(Pid::from_raw(rc as libc::pid_t))
 }
 
+/// What the child does between its descriptors and `execve`.
+#[derive(Clone, Copy)]
+struct AfterClone {
+    hold_fd: RawFd,
+    become_userns_root: bool,
+}
+
 /// The child between `clone` and `execve`: async-signal-safe calls only.
 ///
 /// # Safety
@@ -112,6 +139,7 @@ pub fn clone_exec(req: &CloneExec<'_>) -> io::Result<Pid> {
 unsafe fn exec_child(
     pairs: &[(RawFd, RawFd)],
     death_signal: libc::c_ulong,
+    after: AfterClone,
     program: *const libc::c_char,
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
@@ -125,6 +153,31 @@ unsafe fn exec_child(
     }
     if death_signal != 0 {
         libc::prctl(libc::PR_SET_PDEATHSIG, death_signal, 0, 0, 0);
+    }
+    if after.hold_fd >= 0 {
+        let mut byte = 0u8;
+        loop {
+            let n = libc::read(after.hold_fd, (&mut byte as *mut u8).cast(), 1);
+            if n == 1 {
+                break;
+            }
+            if n < 0 && *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            // The agent gave up on this child.
+            libc::_exit(125);
+        }
+        libc::close(after.hold_fd);
+    }
+    if after.become_userns_root {
+        // Raw system calls: glibc's set*id wrappers would try to signal the
+        // agent's other threads, which do not exist in this child.
+        if libc::syscall(libc::SYS_setgroups, 0 as libc::c_ulong, 0 as libc::c_ulong) < 0
+            || libc::syscall(libc::SYS_setresgid, 0, 0, 0) < 0
+            || libc::syscall(libc::SYS_setresuid, 0, 0, 0) < 0
+        {
+            libc::_exit(125);
+        }
     }
     libc::execve(program, argv.as_ptr(), envp.as_ptr());
     libc::_exit(127)

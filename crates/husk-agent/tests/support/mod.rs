@@ -11,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use husk_protocol::agent::{
-    ContainerRequest, CreateContainerRequest, ProcessRequest, ReadStreamRequest,
-    WaitProcessResponse,
+    ContainerRequest, CreateContainerRequest, ExecProcessRequest, ProcessRequest,
+    ReadStreamRequest, WaitProcessResponse,
 };
 use husk_protocol::agent_ttrpc::AgentClient;
 use serde_json::{json, Value};
@@ -21,8 +21,53 @@ use serde_json::{json, Value};
 pub const APPLETS: &[&str] = &[
     "sh", "cat", "echo", "id", "hostname", "uname", "pwd", "env", "sleep", "ls", "dd", "true",
     "false", "seq", "test", "tty", "stty", "touch", "mount", "head", "wc", "grep", "stat", "tr",
-    "kill",
+    "kill", "chown", "mkdir", "unshare", "ps", "tail", "yes", "readlink", "rm",
 ];
+
+/// A private cgroup2 directory for one agent's containers, removed on drop:
+/// under `/sys/fs/cgroup` when that is cgroup2 (as in the guest), else
+/// under the cgroup2 mount of a hybrid host (`/sys/fs/cgroup/unified`,
+/// which offers no controllers there, so limits cannot be tested).
+pub struct CgroupDir(pub PathBuf);
+
+impl CgroupDir {
+    pub fn new(name: &str) -> Self {
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+        let mount = mounts
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+            })
+            .min_by_key(|p| p.as_os_str().len())
+            .expect("a cgroup2 mount (the tests need cgroup v2 somewhere)");
+        let path = mount.join(format!("husk-test-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir(&path);
+        Self(path)
+    }
+
+    /// Whether the kernel offers `controller` here.
+    pub fn has_controller(&self, controller: &str) -> bool {
+        let parent = self.0.parent().unwrap();
+        fs::read_to_string(parent.join("cgroup.controllers"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .any(|c| c == controller)
+    }
+}
+
+impl Drop for CgroupDir {
+    fn drop(&mut self) {
+        if let Ok(entries) = fs::read_dir(&self.0) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = fs::remove_dir(entry.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(&self.0);
+    }
+}
 
 /// Per-call deadline, so a hung agent fails a test instead of hanging it.
 pub fn ctx() -> ttrpc::context::Context {
@@ -171,6 +216,17 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent and connects to it.
     pub async fn start() -> Agent {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts the agent with its containers' cgroups under `cgroups`.
+    pub async fn with_cgroups(cgroups: &CgroupDir) -> Agent {
+        let root = cgroups.0.display().to_string();
+        Self::start_with(&["--cgroup-root", &root]).await
+    }
+
+    /// Starts the agent with extra arguments and connects to it.
+    pub async fn start_with(extra: &[&str]) -> Agent {
         require_root();
         let dir = TempDir::new("agent");
         let socket = dir.0.join("agent.sock");
@@ -182,6 +238,7 @@ impl Agent {
         let child = Command::new(binary)
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
+            .args(extra)
             .env("HUSK_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -267,10 +324,69 @@ impl Agent {
 
     /// Reads stdout (or stderr) to end-of-file.
     pub async fn read_all(&self, id: &str, stderr: bool) -> Vec<u8> {
+        self.read_all_of(id, "", stderr).await
+    }
+
+    /// ExecProcess of `process` (an OCI process object).
+    pub async fn exec(&self, id: &str, exec_id: &str, process: &Value) -> ttrpc::Result<()> {
+        let request = ExecProcessRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            process_json: process.to_string().into_bytes(),
+            ..Default::default()
+        };
+        self.client.exec_process(ctx(), &request).await.map(drop)
+    }
+
+    /// WaitProcess of an exec.
+    pub async fn wait_exec(&self, id: &str, exec_id: &str) -> ttrpc::Result<WaitProcessResponse> {
+        let request = ProcessRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        self.client.wait_process(ctx(), &request).await
+    }
+
+    /// Runs an exec to completion: (stdout, stderr, status).
+    pub async fn exec_to_end(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &Value,
+    ) -> (String, String, WaitProcessResponse) {
+        self.exec(id, exec_id, process).await.expect("ExecProcess");
+        let (out, err) = tokio::join!(
+            self.read_all_of(id, exec_id, false),
+            self.read_all_of(id, exec_id, true)
+        );
+        let status = self.wait_exec(id, exec_id).await.expect("WaitProcess");
+        (
+            String::from_utf8_lossy(&out).into_owned(),
+            String::from_utf8_lossy(&err).into_owned(),
+            status,
+        )
+    }
+
+    /// RemoveContainer.
+    pub async fn remove(&self, id: &str) -> ttrpc::Result<()> {
+        let request = ContainerRequest {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        self.client
+            .remove_container(ctx(), &request)
+            .await
+            .map(drop)
+    }
+
+    /// Reads stdout (or stderr) of process `(id, exec_id)` to end-of-file.
+    pub async fn read_all_of(&self, id: &str, exec_id: &str, stderr: bool) -> Vec<u8> {
         let mut all = Vec::new();
         loop {
             let request = ReadStreamRequest {
                 container_id: id.to_string(),
+                exec_id: exec_id.to_string(),
                 max_len: husk_protocol::MAX_CHUNK,
                 ..Default::default()
             };
@@ -361,6 +477,17 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An OCI process object running `args` as root, with the spec's PATH.
+pub fn exec_process(args: &[&str]) -> Value {
+    json!({
+        "terminal": false,
+        "user": {"uid": 0, "gid": 0},
+        "args": args,
+        "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        "cwd": "/"
+    })
 }
 
 /// A request naming a container's init.

@@ -1,0 +1,174 @@
+//! The exec stage: `husk-agent exec`, which starts an extra process in a
+//! running container (ExecProcess).
+//!
+//! The agent clones itself without new namespaces and execs this stage,
+//! which is single-threaded and so may `setns(2)` into the container init's
+//! namespaces: it opens `/proc/<init>/ns/*` for every namespace the init
+//! does not share with the agent, and `/proc/<init>/root`, joins them (user
+//! first, mount last), enters the init's root, and forks once more
+//! (`CLONE_PARENT`, so the new process is the agent's child and the agent
+//! reaps it; the fork also puts it into the container's PID namespace). The
+//! stage reports the new pid on fd 4 and exits. The new process waits on
+//! fd 5 until the agent has placed it in the container's cgroup, then
+//! takes the process's limits, user, capabilities and seccomp filter and
+//! execs; fd 4 is close-on-exec, so the agent reads end-of-file once the
+//! program runs, or an error message.
+
+use std::convert::Infallible;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+
+use nix::fcntl::{open, OFlag};
+use nix::sched::{setns, CloneFlags};
+use nix::sys::stat::Mode;
+use nix::unistd;
+use serde::{Deserialize, Serialize};
+
+use super::spec::{InitMessage, ProcessConfig};
+use super::stage::{self, step, Reporter, StageError};
+use crate::seccomp::SeccompProgram;
+use crate::sys;
+
+/// Where the exec stage reads its [`ExecConfig`] (JSON, until end-of-file).
+pub const CONFIG_FD: RawFd = 3;
+/// Where the new process waits for the agent's go.
+pub const START_FD: RawFd = 5;
+
+/// The namespaces an exec joins when the init's differs from the agent's,
+/// in the order they are joined: the user namespace first (it owns the
+/// others), the mount namespace last (after it, `/proc/<init>` is gone).
+pub const NAMESPACES: &[(&str, CloneFlags)] = &[
+    ("user", CloneFlags::CLONE_NEWUSER),
+    ("ipc", CloneFlags::CLONE_NEWIPC),
+    ("uts", CloneFlags::CLONE_NEWUTS),
+    ("net", CloneFlags::CLONE_NEWNET),
+    ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+    ("pid", CloneFlags::CLONE_NEWPID),
+    ("mnt", CloneFlags::CLONE_NEWNS),
+];
+
+/// Everything the exec stage needs, sent as JSON on its config pipe.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecConfig {
+    /// The container's init, in the agent's PID namespace.
+    pub init_pid: i32,
+    /// The process to run.
+    pub process: ProcessConfig,
+    /// The container's seccomp filter.
+    pub seccomp: Option<SeccompProgram>,
+    /// SIGKILL the process when the agent dies (`--listen` mode).
+    pub die_with_agent: bool,
+}
+
+/// Runs the exec stage; never returns.
+pub fn main() -> ! {
+    stage::run_stage("exec", run)
+}
+
+fn read_config() -> Result<ExecConfig, StageError> {
+    let fd = step(sys::take_inherited_fd(CONFIG_FD), || {
+        "taking the config pipe (fd 3)".to_string()
+    })?;
+    let mut json = Vec::new();
+    step(File::from(fd).read_to_end(&mut json), || {
+        "reading the exec instructions".to_string()
+    })?;
+    serde_json::from_slice(&json)
+        .map_err(|e| StageError::Spec(format!("the exec instructions are not valid: {e}")))
+}
+
+/// Opens the init's namespaces that differ from ours.
+fn open_namespaces(init: i32) -> Result<Vec<(OwnedFd, CloneFlags, &'static str)>, StageError> {
+    let mut joins = Vec::new();
+    for &(name, flag) in NAMESPACES {
+        let theirs = format!("/proc/{init}/ns/{name}");
+        let their_meta = step(fs::metadata(&theirs), || {
+            format!("the container's {name} namespace ({theirs})")
+        })?;
+        let same = fs::metadata(format!("/proc/self/ns/{name}"))
+            .is_ok_and(|ours| ours.dev() == their_meta.dev() && ours.ino() == their_meta.ino());
+        if same {
+            continue;
+        }
+        let fd = step(
+            open(
+                theirs.as_str(),
+                OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            ),
+            || format!("opening {theirs}"),
+        )?;
+        joins.push((fd, flag, name));
+    }
+    Ok(joins)
+}
+
+fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
+    sys::close_fds_from(START_FD as u32 + 1);
+    let config = read_config()?;
+    let start = File::from(step(sys::take_inherited_fd(START_FD), || {
+        "taking the start pipe (fd 5)".to_string()
+    })?);
+    step(sys::set_cloexec(start.as_fd(), true), || {
+        "marking the start pipe close-on-exec".to_string()
+    })?;
+    let init = config.init_pid;
+    let joins = open_namespaces(init)?;
+    let root = step(
+        open(
+            format!("/proc/{init}/root").as_str(),
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ),
+        || "opening the container's root".to_string(),
+    )?;
+    for (fd, flag, name) in &joins {
+        step(setns(fd, *flag), || {
+            format!("joining the container's {name} namespace")
+        })?;
+    }
+    drop(joins);
+    step(unistd::fchdir(&root), || {
+        "entering the container's root".to_string()
+    })?;
+    step(unistd::chroot("."), || {
+        "chroot into the container's root".to_string()
+    })?;
+    drop(root);
+
+    match step(sys::fork_as_sibling(), || {
+        "forking the exec'd process".to_string()
+    })? {
+        sys::Forked::Parent(pid) => {
+            reporter.send(&InitMessage::Pid(pid.as_raw()));
+            std::process::exit(0)
+        }
+        sys::Forked::Child => {}
+    }
+    if config.die_with_agent {
+        let _ = sys::set_parent_death_signal(libc::SIGKILL);
+    }
+    step(unistd::setsid(), || "creating a session".to_string())?;
+    if config.process.terminal {
+        step(sys::set_controlling_terminal(io::stdin().as_fd()), || {
+            "making the terminal the controlling terminal".to_string()
+        })?;
+    }
+    let mut go = [0u8; 1];
+    match (&start).read(&mut go) {
+        Ok(1) => {}
+        // The agent gave up on this exec.
+        _ => std::process::exit(0),
+    }
+    drop(start);
+    stage::apply_limits(&config.process)?;
+    let (program, seccomp_installed) =
+        stage::become_user(&config.process, config.seccomp.as_ref())?;
+    step(sys::reset_signals(), || {
+        "resetting signal handlers".to_string()
+    })?;
+    let pending = config.seccomp.as_ref().filter(|_| !seccomp_installed);
+    stage::exec_program(&program, &config.process, pending)
+}

@@ -1,0 +1,324 @@
+//! What the init stage (`husk-agent init`) and the exec stage (`husk-agent
+//! exec`) share: their error type and status reporting, and the last steps
+//! of every container process: resource limits, working directory, user,
+//! capabilities (runc's order), `no_new_privs`, the program lookup, seccomp
+//! and `execve`.
+
+use std::convert::Infallible;
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::stat::{umask, Mode};
+use nix::unistd::{self, AccessFlags, Gid, Uid};
+use oci_spec::runtime::PosixRlimitType;
+
+use super::mounts::MountError;
+use super::spec::{find_program, path_of, InitMessage, LookupError, ProcessConfig};
+use crate::caps;
+use crate::seccomp::SeccompProgram;
+use crate::sys;
+
+/// Where a stage writes [`InitMessage`]s, one JSON object per line.
+pub const STATUS_FD: RawFd = 4;
+
+/// A failed stage step.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Step {
+        /// The step.
+        what: String,
+        /// The failure.
+        #[source]
+        source: io::Error,
+    },
+    /// A mount failed.
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    /// The program was not found.
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    /// The spec asks for something impossible.
+    #[error("{0}")]
+    Spec(String),
+    /// `execve` failed.
+    #[error("exec {program:?}: {errno}")]
+    Exec {
+        /// `args[0]`.
+        program: String,
+        /// Why.
+        errno: Errno,
+    },
+}
+
+impl StageError {
+    fn invalid_spec(&self) -> bool {
+        matches!(self, Self::Lookup(_) | Self::Spec(_) | Self::Exec { .. })
+    }
+
+    fn exit_code(&self) -> i32 {
+        match self {
+            Self::Lookup(LookupError::NotExecutable(_)) => 126,
+            Self::Exec {
+                errno: Errno::EACCES,
+                ..
+            } => 126,
+            Self::Lookup(_) | Self::Exec { .. } => 127,
+            _ => 1,
+        }
+    }
+}
+
+/// Wraps a failing call with what was being done.
+pub fn step<T, E: Into<io::Error>>(
+    result: Result<T, E>,
+    what: impl FnOnce() -> String,
+) -> Result<T, StageError> {
+    result.map_err(|e| StageError::Step {
+        what: what(),
+        source: e.into(),
+    })
+}
+
+/// Writes status messages to the agent.
+pub struct Reporter(File);
+
+impl Reporter {
+    /// Sends one message.
+    pub fn send(&self, message: &InitMessage) {
+        let mut line = serde_json::to_vec(message).unwrap_or_default();
+        line.push(b'\n');
+        // If the agent is gone there is nobody to tell.
+        let _ = (&self.0).write_all(&line);
+    }
+
+    /// Sends a warning for the agent's log.
+    pub fn warn(&self, text: String) {
+        self.send(&InitMessage::Warning(text));
+    }
+}
+
+/// Runs a stage: takes the status pipe, runs `run`, and reports its
+/// failure (or panic) there before exiting. Never returns.
+pub fn run_stage(name: &str, run: fn(&Reporter) -> Result<Infallible, StageError>) -> ! {
+    let Ok(status) = sys::take_inherited_fd(STATUS_FD) else {
+        // Not started by the agent: there is nobody to report to.
+        eprintln!("husk-agent {name} is internal to the agent and cannot be run by hand");
+        std::process::exit(125);
+    };
+    let _ = sys::set_cloexec(status.as_fd(), true);
+    let reporter = Reporter(File::from(status));
+    // Panics are reported on the status pipe, never printed on the
+    // container's stderr.
+    std::panic::set_hook(Box::new(|_| {}));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&reporter)));
+    let (message, invalid_spec, code) = match outcome {
+        Ok(Ok(never)) => match never {},
+        Ok(Err(e)) => (e.to_string(), e.invalid_spec(), e.exit_code()),
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".to_string());
+            (format!("container {name} stage panicked: {text}"), false, 1)
+        }
+    };
+    reporter.send(&InitMessage::Error {
+        message,
+        invalid_spec,
+    });
+    std::process::exit(code)
+}
+
+fn rlimit_resource(typ: PosixRlimitType) -> Resource {
+    match typ {
+        PosixRlimitType::RlimitCpu => Resource::RLIMIT_CPU,
+        PosixRlimitType::RlimitFsize => Resource::RLIMIT_FSIZE,
+        PosixRlimitType::RlimitData => Resource::RLIMIT_DATA,
+        PosixRlimitType::RlimitStack => Resource::RLIMIT_STACK,
+        PosixRlimitType::RlimitCore => Resource::RLIMIT_CORE,
+        PosixRlimitType::RlimitRss => Resource::RLIMIT_RSS,
+        PosixRlimitType::RlimitNproc => Resource::RLIMIT_NPROC,
+        PosixRlimitType::RlimitNofile => Resource::RLIMIT_NOFILE,
+        PosixRlimitType::RlimitMemlock => Resource::RLIMIT_MEMLOCK,
+        PosixRlimitType::RlimitAs => Resource::RLIMIT_AS,
+        PosixRlimitType::RlimitLocks => Resource::RLIMIT_LOCKS,
+        PosixRlimitType::RlimitSigpending => Resource::RLIMIT_SIGPENDING,
+        PosixRlimitType::RlimitMsgqueue => Resource::RLIMIT_MSGQUEUE,
+        PosixRlimitType::RlimitNice => Resource::RLIMIT_NICE,
+        PosixRlimitType::RlimitRtprio => Resource::RLIMIT_RTPRIO,
+        PosixRlimitType::RlimitRttime => Resource::RLIMIT_RTTIME,
+    }
+}
+
+/// `oomScoreAdj` and `rlimits` (while the process is still privileged).
+pub fn apply_limits(process: &ProcessConfig) -> Result<(), StageError> {
+    if let Some(score) = process.oom_score_adj {
+        step(
+            fs::write("/proc/self/oom_score_adj", score.to_string()),
+            || format!("setting oomScoreAdj to {score}"),
+        )?;
+    }
+    for limit in &process.rlimits {
+        step(
+            setrlimit(rlimit_resource(limit.resource), limit.soft, limit.hard),
+            || {
+                format!(
+                    "setting {:?} to soft {} hard {}",
+                    limit.resource, limit.soft, limit.hard
+                )
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Installs the seccomp filter.
+pub fn install_seccomp(program: &SeccompProgram) -> Result<(), StageError> {
+    step(
+        sys::install_seccomp_filter(&program.filter, program.flags),
+        || "loading the seccomp filter (linux.seccomp)".to_string(),
+    )
+}
+
+/// Working directory, bounding set, groups, gid, uid, capabilities, umask,
+/// no_new_privs; then finds the program with the process's credentials.
+///
+/// The seccomp filter is installed here, before the capabilities are
+/// dropped, when the process does not get `no_new_privs` (the kernel then
+/// requires `CAP_SYS_ADMIN`); the returned flag says whether it was. With
+/// `no_new_privs` it is installed by [`exec_program`], last.
+pub fn become_user(
+    process: &ProcessConfig,
+    seccomp: Option<&SeccompProgram>,
+) -> Result<(PathBuf, bool), StageError> {
+    let cwd = &process.cwd;
+    // Create the working directory as root, like runc; enter it before and,
+    // if that failed (root squashing on a share), after dropping privileges.
+    let _ = fs::create_dir_all(cwd);
+    let entered = unistd::chdir(cwd.as_path()).is_ok();
+    let last_cap = caps::last_cap();
+    let caps = process.capabilities.map(|c| c.for_kernel(last_cap));
+    if let Some(caps) = caps {
+        for cap in caps.bounding_drops(last_cap) {
+            step(sys::drop_bounding_cap(cap), || {
+                format!(
+                    "dropping {} from the bounding set",
+                    caps::NAMES.get(cap as usize).unwrap_or(&"a capability")
+                )
+            })?;
+        }
+    }
+    let mut seccomp_installed = false;
+    if let Some(program) = seccomp.filter(|_| !process.no_new_privileges) {
+        install_seccomp(program)?;
+        seccomp_installed = true;
+    }
+    if caps.is_some() {
+        step(sys::set_keep_caps(true), || {
+            "keeping capabilities across setuid".to_string()
+        })?;
+    }
+    let groups: Vec<Gid> = process
+        .additional_gids
+        .iter()
+        .map(|&g| Gid::from_raw(g))
+        .collect();
+    step(unistd::setgroups(&groups), || {
+        format!(
+            "setting the additional groups {:?}",
+            process.additional_gids
+        )
+    })?;
+    step(unistd::setgid(Gid::from_raw(process.gid)), || {
+        format!("setting the gid to {}", process.gid)
+    })?;
+    step(unistd::setuid(Uid::from_raw(process.uid)), || {
+        format!("setting the uid to {}", process.uid)
+    })?;
+    if let Some(caps) = caps {
+        step(sys::set_keep_caps(false), || {
+            "clearing keep-capabilities".to_string()
+        })?;
+        let state = sys::CapState {
+            effective: caps.effective,
+            permitted: caps.permitted,
+            inheritable: caps.inheritable,
+        };
+        step(sys::capset(state), || {
+            format!(
+                "setting the capabilities (effective {:?}, permitted {:?}, inheritable {:?})",
+                caps::CapSets::names(caps.effective),
+                caps::CapSets::names(caps.permitted),
+                caps::CapSets::names(caps.inheritable)
+            )
+        })?;
+        // Kernels without ambient capabilities fail here; nothing to clear.
+        let _ = sys::clear_ambient_caps();
+        for cap in 0..=last_cap {
+            if caps.ambient & (1 << cap) != 0 {
+                step(sys::raise_ambient_cap(cap), || {
+                    format!("raising {} in the ambient set", caps::NAMES[cap as usize])
+                })?;
+            }
+        }
+    }
+    if !entered {
+        unistd::chdir(cwd.as_path()).map_err(|e| {
+            StageError::Spec(format!(
+                "process.cwd {}: {e}; it must be a directory the user can enter",
+                cwd.display()
+            ))
+        })?;
+    }
+    umask(Mode::from_bits_truncate(process.umask.unwrap_or(0o022)));
+    if process.no_new_privileges {
+        step(nix::sys::prctl::set_no_new_privs(), || {
+            "setting no_new_privs".to_string()
+        })?;
+    }
+    let name = &process.args[0];
+    let program = find_program(name, path_of(&process.env), |p| {
+        unistd::access(p, AccessFlags::X_OK).is_ok()
+    })?;
+    Ok((program, seccomp_installed))
+}
+
+/// Installs `seccomp` (when still pending) and execs the program.
+pub fn exec_program(
+    program: &Path,
+    process: &ProcessConfig,
+    seccomp: Option<&SeccompProgram>,
+) -> Result<Infallible, StageError> {
+    let to_cstrings = |list: &[String]| -> Result<Vec<CString>, StageError> {
+        list.iter()
+            .map(|s| {
+                CString::new(s.as_bytes())
+                    .map_err(|_| StageError::Spec(format!("{s:?} contains a NUL byte")))
+            })
+            .collect()
+    };
+    let path = CString::new(program.as_os_str().as_bytes())
+        .map_err(|_| StageError::Spec("the program path contains a NUL byte".to_string()))?;
+    let args = to_cstrings(&process.args)?;
+    let env = to_cstrings(&process.env)?;
+    if let Some(program) = seccomp {
+        install_seccomp(program)?;
+    }
+    let errno = match unistd::execve(&path, &args, &env) {
+        Ok(never) => match never {},
+        Err(errno) => errno,
+    };
+    Err(StageError::Exec {
+        program: process.args[0].clone(),
+        errno,
+    })
+}
