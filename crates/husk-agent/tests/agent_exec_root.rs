@@ -331,7 +331,7 @@ async fn root_ps_and_signal_all_with_cgroups() {
     let exec = list.iter().find(|p| p.command == "sleep 1002").unwrap();
     assert_eq!(exec.exec_id, "ex");
     assert_eq!(exec.uid, 1234);
-    assert_eq!(exec.state, "S");
+    assert!(["R", "S"].contains(&exec.state.as_str()), "{exec:?}");
     let init = list.iter().find(|p| p.command.starts_with("sh")).unwrap();
     assert_eq!(init.exec_id, "");
     assert!(list

@@ -157,3 +157,37 @@ impl OomEvents {
         rx.recv().await.unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// inotify on a plain file stands in for the kernel's memory.events.
+    #[tokio::test]
+    async fn oom_kills_are_queued_in_order() {
+        let dir = std::env::temp_dir().join(format!("husk-oom-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        for d in [&a, &b] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("memory.events"), "low 0\noom 0\noom_kill 0\n").unwrap();
+        }
+        let events = Arc::new(OomEvents::default());
+        let wa = events.watch("a", a.clone()).unwrap();
+        events.watch("b", b.clone()).unwrap();
+        // A change that is not an OOM kill is no event.
+        std::fs::write(a.join("memory.events"), "low 0\noom 1\noom_kill 0\n").unwrap();
+        std::fs::write(b.join("memory.events"), "low 0\noom 1\noom_kill 1\n").unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(5), events.next());
+        assert_eq!(next.await.unwrap(), "b");
+        std::fs::write(a.join("memory.events"), "low 0\noom 2\noom_kill 2\n").unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(5), events.next());
+        assert_eq!(next.await.unwrap(), "a");
+        events.unwatch(wa);
+        std::fs::write(a.join("memory.events"), "oom_kill 3\n").unwrap();
+        let none = tokio::time::timeout(Duration::from_millis(200), events.next()).await;
+        assert!(none.is_err(), "an unwatched container reported an event");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
