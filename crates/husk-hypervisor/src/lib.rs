@@ -103,4 +103,8 @@ pub trait Vm: Send {
     /// Stops the VM: asks the hypervisor to quit, kills it after `grace`, and
     /// stops every helper process. Idempotent.
     async fn shutdown(&mut self, grace: Duration) -> Result<VmExit, HypervisorError>;
+    /// Stops the guest's vCPUs (the whole VM is frozen; memory stays).
+    async fn pause(&mut self) -> Result<(), HypervisorError>;
+    /// Lets a paused guest run again.
+    async fn resume(&mut self) -> Result<(), HypervisorError>;
 }

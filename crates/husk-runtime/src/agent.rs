@@ -230,11 +230,13 @@ impl AgentClient {
         id: &str,
         exec_id: &str,
         signal: i32,
+        all: bool,
     ) -> Result<(), AgentError> {
         let req = pb::SignalProcessRequest {
             container_id: id.to_string(),
             exec_id: exec_id.to_string(),
             signal,
+            all,
             ..Default::default()
         };
         call(
@@ -319,6 +321,111 @@ impl AgentClient {
             .await?
         };
         Ok(r.data)
+    }
+
+    /// Starts `process_json` (an OCI process) in the running container.
+    pub async fn exec_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: Vec<u8>,
+    ) -> Result<(), AgentError> {
+        let req = pb::ExecProcessRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            process_json,
+            ..Default::default()
+        };
+        call(
+            "ExecProcess",
+            deadline::CREATE,
+            self.raw.exec_process(ctx(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn resize_pty(
+        &self,
+        id: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), AgentError> {
+        let req = pb::ResizePtyRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            rows,
+            cols,
+            ..Default::default()
+        };
+        call(
+            "ResizePty",
+            deadline::SIGNAL,
+            self.raw.resize_pty(ctx(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn list_processes(&self, id: &str) -> Result<Vec<pb::ProcessInfo>, AgentError> {
+        let req = pb::ContainerRequest {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        let r = call(
+            "ListProcesses",
+            deadline::SIGNAL,
+            self.raw.list_processes(ctx(), &req),
+        )
+        .await?;
+        Ok(r.processes)
+    }
+
+    pub async fn update_container(
+        &self,
+        id: &str,
+        resources_json: Vec<u8>,
+    ) -> Result<(), AgentError> {
+        let req = pb::UpdateContainerRequest {
+            container_id: id.to_string(),
+            resources_json,
+            ..Default::default()
+        };
+        call(
+            "UpdateContainer",
+            deadline::SIGNAL,
+            self.raw.update_container(ctx(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn stats_container(
+        &self,
+        id: &str,
+    ) -> Result<pb::StatsContainerResponse, AgentError> {
+        let req = pb::ContainerRequest {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        call(
+            "StatsContainer",
+            deadline::SIGNAL,
+            self.raw.stats_container(ctx(), &req),
+        )
+        .await
+    }
+
+    /// Waits for the next OOM kill in the guest; returns the container id.
+    pub async fn next_oom_event(&self) -> Result<String, AgentError> {
+        let r = call(
+            "GetOOMEvent",
+            deadline::WAIT,
+            self.raw.get_oom_event(ctx(), &pb::Empty::default()),
+        )
+        .await?;
+        Ok(r.container_id)
     }
 
     pub async fn shutdown(&self) -> Result<(), AgentError> {

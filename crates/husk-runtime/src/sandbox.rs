@@ -3,7 +3,6 @@
 //! [`Sandbox::teardown`] normally, by the fields' `Drop` otherwise (the VM is
 //! killed first, then the share unmounted, then the state dir removed).
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use husk_hypervisor::accel::{self, HostProbe, SystemProbe};
@@ -71,16 +70,16 @@ pub fn console_tail(dir: &SandboxDir) -> String {
 }
 
 impl Sandbox {
-    /// Boots a sandbox VM named `id` with its state under `root`, and waits
-    /// until its agent answers.
+    /// Boots a sandbox VM named `id` whose state lives in `dir`, and waits
+    /// until its agent answers. On error everything made so far, `dir`
+    /// included, is gone.
     pub async fn start(
         cfg: &Config,
         hv: &dyn Hypervisor,
-        root: &Path,
+        dir: SandboxDir,
         id: &str,
         agent_log: &str,
     ) -> Result<Sandbox, SandboxError> {
-        let dir = SandboxDir::create(root, id)?;
         let share = Share::create(&dir.share())?;
         let choice = accel::choose(cfg.hypervisor.accel, &SystemProbe);
         if let Some(n) = &choice.notice {
@@ -181,6 +180,33 @@ impl Sandbox {
 
     pub fn dir(&self) -> &SandboxDir {
         &self.dir
+    }
+
+    pub fn dir_mut(&mut self) -> &mut SandboxDir {
+        &mut self.dir
+    }
+
+    /// Waits until the VM exits (it should not while a container runs).
+    pub async fn wait_vm(&mut self) -> VmExit {
+        self.vm.wait().await
+    }
+
+    /// The error for a VM that died at `when`.
+    pub fn died(&self, exit: VmExit, when: &'static str) -> SandboxError {
+        SandboxError::VmDied {
+            exit,
+            when,
+            console: console_tail(&self.dir),
+        }
+    }
+
+    /// Freezes the whole VM.
+    pub async fn pause(&mut self) -> Result<(), SandboxError> {
+        Ok(self.vm.pause().await?)
+    }
+
+    pub async fn resume(&mut self) -> Result<(), SandboxError> {
+        Ok(self.vm.resume().await?)
     }
 
     pub fn vm_pid(&self) -> u32 {

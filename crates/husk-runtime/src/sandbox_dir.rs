@@ -42,6 +42,7 @@ pub fn validate_id(id: &str) -> Result<(), SandboxDirError> {
 pub struct SandboxDir {
     path: PathBuf,
     removed: bool,
+    keep_state: bool,
 }
 
 impl SandboxDir {
@@ -57,6 +58,7 @@ impl SandboxDir {
             Ok(()) => Ok(SandboxDir {
                 path,
                 removed: false,
+                keep_state: false,
             }),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 Err(SandboxDirError::InUse {
@@ -90,28 +92,86 @@ impl SandboxDir {
     pub fn share(&self) -> PathBuf {
         self.path.join("share")
     }
+    pub fn monitor_socket(&self) -> PathBuf {
+        self.path.join(MONITOR_SOCKET)
+    }
 
-    /// Removes the directory: the files husk puts there, then the directory
-    /// itself (non-recursively: the share must already be torn down).
+    /// Keeps the directory and its state file when dropped or removed, for
+    /// `husk state` and `husk delete` after the sandbox is gone.
+    pub fn keep_state(&mut self) {
+        self.keep_state = true;
+    }
+
+    /// Removes what the running sandbox put in the directory (sockets,
+    /// logs), and, unless [`Self::keep_state`] was called, the state file
+    /// and the directory itself (non-recursively: the share must already be
+    /// torn down).
     pub fn remove(&mut self) {
         if self.removed {
             return;
         }
         self.removed = true;
-        for f in [
-            self.agent_socket(),
-            self.qmp_socket(),
-            self.virtiofsd_socket(),
-            // virtiofsd writes `<socket>.pid` beside its socket.
-            self.path.join("virtiofsd.sock.pid"),
-            self.console_log(),
-            self.hypervisor_log(),
-        ] {
-            let _ = fs::remove_file(f);
+        remove_runtime_files(&self.path);
+        if !self.keep_state {
+            remove_state(&self.path);
         }
-        if let Err(e) = fs::remove_dir(&self.path) {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove sandbox dir");
+    }
+}
+
+/// Name of the monitor's API socket in the sandbox dir.
+pub const MONITOR_SOCKET: &str = "monitor.sock";
+
+const RUNTIME_FILES: &[&str] = &[
+    "agent.sock",
+    "qmp.sock",
+    "virtiofsd.sock",
+    // virtiofsd writes `<socket>.pid` beside its socket.
+    "virtiofsd.sock.pid",
+    "console.log",
+    "qemu.log",
+    MONITOR_SOCKET,
+];
+
+fn remove_runtime_files(dir: &Path) {
+    for f in RUNTIME_FILES {
+        let _ = fs::remove_file(dir.join(f));
+    }
+}
+
+fn remove_state(dir: &Path) {
+    let _ = fs::remove_file(dir.join(crate::state::STATE_FILE));
+    if let Err(e) = fs::remove_dir(dir) {
+        tracing::warn!(path = %dir.display(), error = %e, "cannot remove sandbox dir");
+    }
+}
+
+/// Removes what a sandbox whose owner died left in `dir`: its files, the
+/// (by then unmounted) skeleton of its share, its state and the directory.
+/// Only empty directories and empty files are removed from the share, so
+/// nothing that was mounted there can be deleted through it.
+pub fn remove_leftovers(dir: &Path) {
+    remove_runtime_files(dir);
+    remove_skeleton(&dir.join("share"));
+    remove_state(dir);
+}
+
+fn remove_skeleton(p: &Path) {
+    let Ok(meta) = fs::symlink_metadata(p) else {
+        return;
+    };
+    if meta.is_dir() {
+        if let Ok(entries) = fs::read_dir(p) {
+            for e in entries.flatten() {
+                remove_skeleton(&e.path());
+            }
         }
+        if let Err(e) = fs::remove_dir(p) {
+            tracing::warn!(path = %p.display(), error = %e, "left in place");
+        }
+    } else if meta.is_file() && meta.len() == 0 {
+        let _ = fs::remove_file(p);
+    } else {
+        tracing::warn!(path = %p.display(), "unexpected file in a sandbox share; left in place");
     }
 }
 
@@ -145,5 +205,30 @@ mod tests {
         drop(d);
         assert!(!root.join("x").exists());
         std::fs::remove_dir(&root).unwrap();
+    }
+
+    #[test]
+    fn leftovers_are_removed_but_never_content() {
+        let root = std::env::temp_dir().join(format!("husk-lo-{}", std::process::id()));
+        let mut d = SandboxDir::create(&root, "y").unwrap();
+        d.keep_state();
+        let share = d.share();
+        std::fs::create_dir_all(share.join("c/rootfs")).unwrap();
+        std::fs::create_dir_all(share.join("c/mounts")).unwrap();
+        std::fs::write(share.join("c/mounts/0"), "").unwrap();
+        std::fs::write(share.join("c/rootfs/precious"), "data").unwrap();
+        std::fs::write(d.path().join(crate::state::STATE_FILE), "{}").unwrap();
+        std::fs::write(d.console_log(), "log").unwrap();
+        let path = d.path().to_path_buf();
+        drop(d);
+        assert!(path.join(crate::state::STATE_FILE).exists(), "state kept");
+        assert!(!path.join("console.log").exists());
+        remove_leftovers(&path);
+        assert_eq!(
+            std::fs::read_to_string(share.join("c/rootfs/precious")).unwrap(),
+            "data"
+        );
+        assert!(!share.join("c/mounts").exists());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

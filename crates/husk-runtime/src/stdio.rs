@@ -1,4 +1,5 @@
-//! Relays between the caller's stdio and a process in the guest.
+//! Relays between host descriptors (the caller's stdio, a pty, or fds sent
+//! by `husk exec`) and a process in the guest.
 
 use std::io::Read;
 
@@ -20,16 +21,18 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
+        let mut reader_gone = false;
         loop {
             match agent.read_output(&cid, &exec_id, stderr).await {
                 Ok(data) if data.is_empty() => break,
                 Ok(data) => {
-                    if out.write_all(&data).await.is_err() {
-                        // The reader went away; keep draining so the
-                        // process is not blocked on a full pipe.
-                        continue;
+                    // When the reader went away, keep draining so the
+                    // process does not block on a full pipe.
+                    if !reader_gone
+                        && (out.write_all(&data).await.is_err() || out.flush().await.is_err())
+                    {
+                        reader_gone = true;
                     }
-                    let _ = out.flush().await;
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, stderr, "output relay ended");
@@ -41,17 +44,24 @@ where
     })
 }
 
-/// Copies this process's stdin (fd 0) to the process's stdin, then closes
-/// it. Reads happen on a plain thread: a blocking read of a terminal or pipe
-/// must not hold a runtime worker, and fd 0 must not be made non-blocking
-/// (the file description may be shared with other processes).
-pub fn relay_stdin(agent: AgentClient, cid: String, exec_id: String) -> JoinHandle<()> {
+/// Copies `input` to the process's stdin, then closes it. Reads happen on a
+/// plain thread: a blocking read of a terminal or pipe must not hold a
+/// runtime worker, and the descriptor must not be made non-blocking (its
+/// file description may be shared with other processes).
+pub fn relay_input<R>(
+    agent: AgentClient,
+    cid: String,
+    exec_id: String,
+    mut input: R,
+) -> JoinHandle<()>
+where
+    R: Read + Send + 'static,
+{
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
     std::thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            match stdin.read(&mut buf) {
+            match input.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     if tx.blocking_send(buf[..n].to_vec()).is_err() {

@@ -2,17 +2,18 @@
 //! config's `log_level`.
 
 use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{GlobalOpts, LogFormat};
+use crate::cli::{Cli, Command, GlobalOpts, LogFormat};
 
 /// Env var with a tracing filter for husk's own log (overrides the rest).
 pub const LOG_ENV: &str = "HUSK_LOG";
 
-/// husk's log filter before the config is read: `HUSK_LOG`, else `debug`
-/// with `--debug`, else `warn`.
+/// husk's log filter: `HUSK_LOG`, else `debug` with `--debug`, else `warn`.
 fn filter(opts: &GlobalOpts) -> EnvFilter {
     if let Ok(f) = std::env::var(LOG_ENV) {
         if let Ok(f) = EnvFilter::try_new(f) {
@@ -22,7 +23,8 @@ fn filter(opts: &GlobalOpts) -> EnvFilter {
     EnvFilter::new(if opts.debug { "debug" } else { "warn" })
 }
 
-pub fn init(opts: &GlobalOpts) -> anyhow::Result<()> {
+pub fn init(cli: &Cli) -> anyhow::Result<()> {
+    let opts = &cli.global;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(opts))
         .with_target(opts.debug);
@@ -41,6 +43,8 @@ pub fn init(opts: &GlobalOpts) -> anyhow::Result<()> {
                 LogFormat::Text => b.init(),
             }
         }
+        // A monitor's stderr is the container's: it logs only to a file.
+        None if matches!(cli.command, Command::Monitor(_)) => {}
         None => {
             let b = builder.with_writer(std::io::stderr);
             match opts.log_format {
@@ -50,4 +54,25 @@ pub fn init(opts: &GlobalOpts) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The log file that gets runc-style JSON error lines, if any.
+pub fn json_error_log(opts: &GlobalOpts) -> Option<PathBuf> {
+    match (&opts.log, opts.log_format) {
+        (Some(p), LogFormat::Json) => Some(p.clone()),
+        _ => None,
+    }
+}
+
+/// Appends `{"level":"error","msg":...,"time":...}`, the line runc writes and
+/// conmon and podman read back to report a runtime's failure.
+pub fn append_runc_error(log: &Path, msg: &str) {
+    let line = serde_json::json!({
+        "level": "error",
+        "msg": msg,
+        "time": husk_runtime::state::now_rfc3339(),
+    });
+    if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(log) {
+        let _ = writeln!(f, "{line}");
+    }
 }

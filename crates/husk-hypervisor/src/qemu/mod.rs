@@ -97,6 +97,12 @@ fn to_exit(status: std::process::ExitStatus) -> VmExit {
 }
 
 impl QemuVm {
+    fn qmp_mut(&mut self) -> Result<&mut Qmp, HypervisorError> {
+        self.qmp
+            .as_mut()
+            .ok_or(HypervisorError::Qmp(qmp::QmpError::Closed))
+    }
+
     async fn stop_helpers(&mut self) {
         if let Some(mut d) = self.virtiofsd.take() {
             // virtiofsd exits once QEMU has gone; give it a moment, then kill.
@@ -126,6 +132,16 @@ impl Vm for QemuVm {
         };
         self.exit = Some(e.clone());
         e
+    }
+
+    async fn pause(&mut self) -> Result<(), HypervisorError> {
+        self.qmp_mut()?.execute("stop", None).await?;
+        Ok(())
+    }
+
+    async fn resume(&mut self) -> Result<(), HypervisorError> {
+        self.qmp_mut()?.execute("cont", None).await?;
+        Ok(())
     }
 
     async fn shutdown(&mut self, grace: Duration) -> Result<VmExit, HypervisorError> {

@@ -7,7 +7,7 @@ pub fn check(cfg: &Config) -> anyhow::Result<u8> {
     let mut ok = true;
     for f in &findings {
         ok &= f.ok;
-        println!(
+        outln!(
             "{:<4} {:<13} {}",
             if f.ok { "ok" } else { "FAIL" },
             f.item,
@@ -15,10 +15,10 @@ pub fn check(cfg: &Config) -> anyhow::Result<u8> {
         );
     }
     if ok {
-        println!("this host can run husk sandboxes");
+        outln!("this host can run husk sandboxes");
         Ok(0)
     } else {
-        println!("this host cannot run husk sandboxes yet: fix the FAIL lines above");
+        outln!("this host cannot run husk sandboxes yet: fix the FAIL lines above");
         Ok(1)
     }
 }

@@ -1,19 +1,59 @@
 //! One module per verb, each a few lines over `husk-runtime`.
 
 mod check;
+mod create;
+mod delete;
+mod events;
+mod exec;
+mod features;
+mod kill;
+mod list;
+mod monitor;
+mod pause;
+mod ps;
 mod run;
+mod spec;
+mod start;
+mod state;
+mod update;
 
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 use husk_runtime::config::Config;
+use husk_runtime::monitor::api::Request;
+use husk_runtime::monitor::client::MonitorClient;
+use husk_runtime::sandbox_dir::validate_id;
+use husk_runtime::state::{ContainerLock, ContainerState, Status};
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, GlobalOpts};
 
 /// Runs the verb; returns husk's exit code.
 pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
-    let (cfg, _) = Config::load(cli.global.config.as_deref())?;
+    let g = &cli.global;
     match cli.command {
-        Command::Run(args) => run::run(&cli.global, &cfg, args),
-        Command::Check => check::check(&cfg),
+        Command::Features => features::features(),
+        Command::Spec(a) => spec::spec(a),
+        Command::List(a) => list::list(g, a),
+        Command::State(a) => state::state(g, &a.id),
+        Command::Start(a) => start::start(g, &a.id),
+        Command::Kill(a) => kill::kill(g, a),
+        Command::Delete(a) => delete::delete(g, a),
+        Command::Pause(a) => pause::pause(g, &a.id, true),
+        Command::Resume(a) => pause::pause(g, &a.id, false),
+        Command::Ps(a) => ps::ps(g, a),
+        Command::Events(a) => events::events(g, a),
+        Command::Update(a) => update::update(g, a),
+        Command::Exec(a) => exec::exec(g, a),
+        Command::Check => check::check(&load_config(g)?),
+        Command::Create(a) => create::create(g, &load_config(g)?, a),
+        Command::Run(a) => run::run(g, &load_config(g)?, a),
+        Command::Monitor(a) => monitor::monitor(g, &load_config(g)?, a),
     }
+}
+
+fn load_config(g: &GlobalOpts) -> anyhow::Result<Config> {
+    Ok(Config::load(g.config.as_deref())?.0)
 }
 
 /// The agent's log filter: `debug` with `--debug`, else the config's.
@@ -22,5 +62,97 @@ pub fn agent_log_level(debug: bool, cfg: &Config) -> String {
         "debug".into()
     } else {
         cfg.log_level.clone()
+    }
+}
+
+/// `<root>/<id>`, after checking the id.
+pub fn container_dir(g: &GlobalOpts, id: &str) -> anyhow::Result<PathBuf> {
+    validate_id(id)?;
+    Ok(g.root.join(id))
+}
+
+/// A container's dir, lock and state, for a verb that acts on it.
+pub struct Target {
+    pub dir: PathBuf,
+    pub state: ContainerState,
+    _lock: ContainerLock,
+}
+
+impl Target {
+    pub fn open(g: &GlobalOpts, id: &str) -> anyhow::Result<Target> {
+        let dir = container_dir(g, id)?;
+        let lock = ContainerLock::acquire(&dir, id)?;
+        let state = ContainerState::load(&dir, id)?;
+        Ok(Target {
+            dir,
+            state,
+            _lock: lock,
+        })
+    }
+
+    pub fn status(&self) -> Status {
+        self.state.effective_status()
+    }
+
+    /// Sends one request to the container's monitor.
+    pub fn ask(&self, req: &Request) -> anyhow::Result<serde_json::Value> {
+        Ok(MonitorClient::connect(&self.dir, &self.state.id)?.call(req, &[])?)
+    }
+
+    /// Fails unless the container is in one of `ok`.
+    pub fn require(&self, ok: &[Status], verb: &str) -> anyhow::Result<()> {
+        let s = self.status();
+        if ok.contains(&s) {
+            Ok(())
+        } else {
+            anyhow::bail!("cannot {verb} container {}: it is {s}", self.state.id)
+        }
+    }
+}
+
+/// Writes `pid` to `path` atomically (runc's --pid-file).
+pub fn write_pid_file(path: &Path, pid: u32) -> anyhow::Result<()> {
+    let tmp = path.with_extension("husk-tmp");
+    std::fs::write(&tmp, pid.to_string())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Parses a signal name (`TERM`, `SIGTERM`, `term`) or number.
+pub fn parse_signal(s: &str) -> anyhow::Result<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+        anyhow::bail!("invalid signal number {n}: use 1-64 or a name such as TERM");
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse::<nix::sys::signal::Signal>()
+        .map(|sig| sig as i32)
+        .map_err(|_| {
+            anyhow::anyhow!("unknown signal {s:?}: use a name such as TERM or KILL, or a number")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_by_name_and_number() {
+        assert_eq!(parse_signal("TERM").unwrap(), 15);
+        assert_eq!(parse_signal("SIGKILL").unwrap(), 9);
+        assert_eq!(parse_signal("hup").unwrap(), 1);
+        assert_eq!(parse_signal("9").unwrap(), 9);
+        assert!(parse_signal("0").is_err());
+        assert!(parse_signal("NOPE")
+            .unwrap_err()
+            .to_string()
+            .contains("NOPE"));
     }
 }

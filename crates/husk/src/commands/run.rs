@@ -1,29 +1,28 @@
-use anyhow::Context;
-use husk_hypervisor::qemu::Qemu;
 use husk_runtime::config::Config;
-use husk_runtime::mountns;
-use husk_runtime::run::{run_foreground, RunOptions};
+use husk_runtime::monitor::api::Request;
+use husk_runtime::monitor::MonitorOptions;
 
 use crate::cli::{GlobalOpts, RunArgs};
 
-pub fn run(global: &GlobalOpts, cfg: &Config, args: RunArgs) -> anyhow::Result<u8> {
-    // The sandbox's mounts live in a mount namespace of husk's own; enter it
-    // while husk is still single-threaded.
-    mountns::enter_private()
-        .context("cannot create a private mount namespace (husk needs root)")?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let opts = RunOptions {
-        id: args.id,
-        bundle: args.bundle,
-        root: global.root.clone(),
-        agent_log: super::agent_log_level(global.debug, cfg),
+pub fn run(g: &GlobalOpts, cfg: &Config, a: RunArgs) -> anyhow::Result<u8> {
+    if a.detach {
+        super::create::create_container(g, cfg, &a.create)?;
+        let t = super::Target::open(g, &a.create.id)?;
+        t.ask(&Request::Start)?;
+        return Ok(0);
+    }
+    // In the foreground this process is the container's monitor.
+    if let Some(p) = &a.create.pid_file {
+        super::write_pid_file(p, std::process::id())?;
+    }
+    let opts = MonitorOptions {
+        id: a.create.id,
+        bundle: a.create.bundle,
+        root: g.root.clone(),
+        agent_log: super::agent_log_level(g.debug, cfg),
+        console_socket: a.create.console_socket,
+        autostart: true,
+        ready: None,
     };
-    let status = rt.block_on(run_foreground(cfg, &Qemu, &opts))?;
-    // Blocked stdin reads must not keep the process alive.
-    rt.shutdown_background();
-    Ok(u8::try_from(status.clamp(0, 255)).unwrap_or(255))
+    super::monitor::run_monitor(cfg, opts)
 }

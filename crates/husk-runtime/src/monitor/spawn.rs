@@ -1,0 +1,82 @@
+//! Starting a monitor as its own process (`husk create`, `husk run -d`).
+//!
+//! The monitor is `husk` itself re-executed with the hidden `monitor` verb.
+//! It inherits the caller's stdio (the container's stdio, as runc's init
+//! does), starts a new session, and reports on a pipe once the container is
+//! created, or why it could not be. When `husk create` then exits, the
+//! monitor is re-parented to the nearest subreaper (conmon, containerd's
+//! shim) or init, which can then wait for it as for the container.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+
+use nix::fcntl::OFlag;
+
+use super::MonitorError;
+
+/// What the monitor reported.
+#[derive(Debug, serde::Deserialize)]
+struct Ready {
+    pid: Option<u32>,
+    error: Option<String>,
+}
+
+/// Starts `exe args... --ready-fd N` and waits until it has created the
+/// container; returns the monitor's pid.
+pub fn spawn_monitor(exe: &Path, args: Vec<OsString>) -> Result<u32, MonitorError> {
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| MonitorError::Spawn(e.into()))?;
+    let wfd = w.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.args(args).arg("--ready-fd").arg(wfd.to_string());
+    // SAFETY: runs in the forked child before exec; only async-signal-safe
+    // calls (fcntl to let the pipe's write end survive exec, setsid).
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::fcntl(wfd, libc::F_SETFD, 0) < 0 || libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(MonitorError::Spawn)?;
+    drop(w);
+    let mut msg = String::new();
+    let _ = std::fs::File::from(r).read_to_string(&mut msg);
+    let ready: Ready = serde_json::from_str(&msg).unwrap_or(Ready {
+        pid: None,
+        error: Some(format!(
+            "the sandbox monitor (pid {}) exited before creating the container; run with --debug --log FILE for details",
+            child.id()
+        )),
+    });
+    match (ready.pid, ready.error) {
+        (Some(pid), _) => Ok(pid),
+        (None, Some(e)) => Err(MonitorError::Failed(e)),
+        (None, None) => Err(MonitorError::Failed(
+            "the sandbox monitor sent an empty report".into(),
+        )),
+    }
+}
+
+/// Takes ownership of the ready pipe named by `--ready-fd`.
+pub fn take_ready_fd(fd: i32) -> Result<std::os::fd::OwnedFd, MonitorError> {
+    // Check that the descriptor is open, and keep it from leaking into the
+    // VM's processes (a held write end would keep `husk create` waiting).
+    if nix::fcntl::fcntl(
+        // SAFETY: the borrow only lives for this F_SETFD call.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .is_err()
+    {
+        return Err(MonitorError::Failed(format!(
+            "--ready-fd {fd} is not an open descriptor"
+        )));
+    }
+    // SAFETY: the spawner passed this descriptor to us alone, and nothing
+    // else in this process refers to it.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}

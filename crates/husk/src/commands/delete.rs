@@ -1,0 +1,67 @@
+use std::time::{Duration, Instant};
+
+use husk_runtime::monitor::api::Request;
+use husk_runtime::sandbox_dir::remove_leftovers;
+use husk_runtime::state::{ContainerState, StateError, Status};
+
+use crate::cli::{DeleteArgs, GlobalOpts};
+
+pub fn delete(g: &GlobalOpts, a: DeleteArgs) -> anyhow::Result<u8> {
+    let dir = super::container_dir(g, &a.id)?;
+    let t = match super::Target::open(g, &a.id) {
+        Ok(t) => t,
+        // As runc: --force on a container that is not (fully) there is fine.
+        Err(e) if a.force => {
+            if matches!(
+                e.downcast_ref::<StateError>(),
+                Some(StateError::NotFound(_))
+            ) {
+                if dir.exists() {
+                    remove_leftovers(&dir);
+                }
+                return Ok(0);
+            }
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    let status = t.status();
+    if !a.force && matches!(status, Status::Running | Status::Paused) {
+        anyhow::bail!(
+            "cannot delete container {}: it is {status}; stop it first or use --force",
+            a.id
+        );
+    }
+    if t.state.monitor_alive() {
+        t.ask(&Request::Delete { force: true })?;
+        wait_gone(&t.state);
+    }
+    kill_stray_vm(&t.state, &dir);
+    if dir.exists() {
+        remove_leftovers(&dir);
+    }
+    Ok(0)
+}
+
+/// Waits (briefly) for the monitor to exit after it tore the sandbox down.
+fn wait_gone(s: &ContainerState) {
+    let start = Instant::now();
+    while s.monitor_alive() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A QEMU outlives its monitor only if something went badly wrong (it dies
+/// with its parent); make sure, checking it is really this sandbox's.
+fn kill_stray_vm(s: &ContainerState, dir: &std::path::Path) {
+    let Some(pid) = s.vm_pid else { return };
+    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return;
+    };
+    if String::from_utf8_lossy(&cmd).contains(&*dir.to_string_lossy()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}

@@ -1,0 +1,11 @@
+use husk_runtime::monitor::api::Request;
+use husk_runtime::state::Status;
+
+use crate::cli::GlobalOpts;
+
+pub fn start(g: &GlobalOpts, id: &str) -> anyhow::Result<u8> {
+    let t = super::Target::open(g, id)?;
+    t.require(&[Status::Created], "start")?;
+    t.ask(&Request::Start)?;
+    Ok(0)
+}
