@@ -7,6 +7,7 @@ pub mod bundle;
 pub mod check;
 pub mod config;
 pub mod console;
+pub mod hooks;
 pub mod monitor;
 pub mod mountns;
 pub mod sandbox;

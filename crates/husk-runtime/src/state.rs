@@ -99,6 +99,25 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
 }
 
 impl ContainerState {
+    /// The state as the OCI runtime spec (and runc's `state`) shows it.
+    pub fn oci_state(&self) -> serde_json::Value {
+        let status = self.effective_status();
+        let mut v = serde_json::json!({
+            "ociVersion": "1.1.0",
+            "id": self.id,
+            "pid": if status == Status::Stopped { 0 } else { self.pid },
+            "status": status.to_string(),
+            "bundle": self.bundle,
+            "rootfs": self.rootfs,
+            "created": self.created,
+            "owner": self.owner,
+        });
+        if !self.annotations.is_empty() {
+            v["annotations"] = serde_json::json!(self.annotations);
+        }
+        v
+    }
+
     /// Whether the monitor recorded in the state still runs.
     pub fn monitor_alive(&self) -> bool {
         self.pid > 0 && process_start_time(self.pid) == Some(self.pid_start_time)

@@ -153,6 +153,7 @@ async fn start(shared: &Shared) -> Response {
     match shared.agent.start_container(&shared.cid).await {
         Ok(()) => {
             shared.set_status(Status::Running);
+            shared.poststart().await;
             ok(Value::Null)
         }
         Err(e) => err(error_chain(&e)),

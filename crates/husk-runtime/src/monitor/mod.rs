@@ -30,6 +30,7 @@ use crate::agent::{AgentClient, AgentError, ExitStatus};
 use crate::bundle::{Bundle, BundleError};
 use crate::config::Config;
 use crate::console::{self, ConsoleError};
+use crate::hooks::{self, HookError};
 use crate::sandbox::{Sandbox, SandboxError};
 use crate::sandbox_dir::{validate_id, SandboxDir, SandboxDirError};
 use crate::state::{self, ContainerLock, ContainerState, StateError, Status};
@@ -48,6 +49,8 @@ pub enum MonitorError {
     State(#[from] StateError),
     #[error(transparent)]
     Console(#[from] ConsoleError),
+    #[error(transparent)]
+    Hook(#[from] HookError),
     #[error("process.terminal is true but no --console-socket was given: pass one, or set terminal to false")]
     NeedConsoleSocket,
     #[error("cannot listen on {path}")]
@@ -101,6 +104,7 @@ pub(crate) enum Command {
 /// What request handlers share with the main loop.
 pub(crate) struct Shared {
     pub agent: AgentClient,
+    pub hooks: oci_spec::runtime::Hooks,
     pub cid: String,
     pub dir: PathBuf,
     pub state: Mutex<ContainerState>,
@@ -108,6 +112,18 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    pub fn oci_state(&self) -> serde_json::Value {
+        self.state.lock().expect("state lock").oci_state()
+    }
+
+    /// Runs the poststart hooks (failures are logged, as the spec says).
+    pub async fn poststart(&self) {
+        let hooks = self.hooks.poststart().clone().unwrap_or_default();
+        if !hooks.is_empty() {
+            hooks::run_logged("poststart", &hooks, &self.oci_state()).await;
+        }
+    }
+
     pub fn status(&self) -> Status {
         self.state.lock().expect("state lock").status
     }
@@ -229,8 +245,22 @@ async fn serve_inner(
     let (cmd_tx, cmd_rx) = mpsc::channel(8);
     st.status = Status::Created;
     st.save(&dir_path)?;
+    let spec_hooks = bundle.spec.hooks().clone().unwrap_or_default();
+    if spec_hooks.create_container().is_some() || spec_hooks.start_container().is_some() {
+        tracing::warn!("createContainer and startContainer hooks are not run: they belong in the container's namespaces, inside the VM, where host hook binaries do not exist");
+    }
+    let mut create_hooks = spec_hooks.prestart().clone().unwrap_or_default();
+    create_hooks.extend(spec_hooks.create_runtime().clone().unwrap_or_default());
+    if !create_hooks.is_empty() {
+        if let Err(e) = hooks::run("createRuntime", &create_hooks, &st.oci_state()).await {
+            drop(stdio);
+            sandbox.teardown().await;
+            return Err(e.into());
+        }
+    }
     let shared = Arc::new(Shared {
         agent: agent.clone(),
+        hooks: spec_hooks,
         cid: opts.id.clone(),
         dir: dir_path.clone(),
         state: Mutex::new(st),
@@ -251,6 +281,7 @@ async fn serve_inner(
             return Err(e.into());
         }
         shared.set_status(Status::Running);
+        shared.poststart().await;
         tracing::info!(
             target: "husk_timing",
             total_to_running_ms = t0.elapsed().as_secs_f64() * 1e3,
@@ -298,6 +329,23 @@ async fn serve_inner(
         }
     }
     let td = Instant::now();
+    let poststop = shared.hooks.poststop().clone().unwrap_or_default();
+    let stopped_state = shared.oci_state();
+    let result = finish(ended, sandbox, opts.autostart, td).await;
+    if !poststop.is_empty() {
+        hooks::run_logged("poststop", &poststop, &stopped_state).await;
+    }
+    result
+}
+
+/// Tears the sandbox down after the container ended; returns its status.
+async fn finish(
+    ended: Ended,
+    mut sandbox: Sandbox,
+    autostart: bool,
+    td: Instant,
+) -> Result<i32, MonitorError> {
+    let opts_autostart = autostart;
     match ended {
         Ended::Deleted(reply) => {
             sandbox.teardown().await;
@@ -309,7 +357,7 @@ async fn serve_inner(
         Ended::Exited(s) => {
             // A foreground `husk run` leaves nothing (as runc); a created
             // container stays until `husk delete`.
-            if !opts.autostart {
+            if !opts_autostart {
                 sandbox.dir_mut().keep_state();
             }
             sandbox.teardown().await;
@@ -318,14 +366,14 @@ async fn serve_inner(
         }
         Ended::VmDied(exit) => {
             let err = sandbox.died(exit, "while the container was running");
-            if !opts.autostart {
+            if !opts_autostart {
                 sandbox.dir_mut().keep_state();
             }
             sandbox.teardown().await;
             Err(err.into())
         }
         Ended::AgentLost(e) => {
-            if !opts.autostart {
+            if !opts_autostart {
                 sandbox.dir_mut().keep_state();
             }
             sandbox.teardown().await;

@@ -21,7 +21,7 @@ pub fn list(g: &GlobalOpts, a: ListArgs) -> anyhow::Result<u8> {
     }
     match a.format {
         Format::Json => {
-            let v: Vec<_> = states.iter().map(super::state::state_json).collect();
+            let v: Vec<_> = states.iter().map(ContainerState::oci_state).collect();
             outln!("{}", serde_json::to_string(&v)?);
         }
         Format::Table => {
@@ -34,7 +34,7 @@ pub fn list(g: &GlobalOpts, a: ListArgs) -> anyhow::Result<u8> {
                 "CREATED"
             );
             for s in &states {
-                let v = super::state::state_json(s);
+                let v = s.oci_state();
                 outln!(
                     "{:<24} {:<8} {:<8} {:<40} {:<30} {}",
                     s.id,
