@@ -134,7 +134,7 @@ fn main() {
     for (name, label) in [
         ("vm_start_ms", "QEMU start (to sockets ready)"),
         ("agent_ready_ms", "kernel boot to agent ready"),
-        ("create_start_ms", "container create+start"),
+        ("create_ms", "container create (in the guest)"),
         ("teardown_ms", "teardown"),
         ("total_to_running_ms", "total to container running"),
     ] {
