@@ -37,6 +37,8 @@ pub async fn start(
         .start()
         .await
         .map_err(|e| io::Error::other(format!("starting the ttrpc server: {e}")))?;
+    // Off the request path: the first CreateContainer need not pay for it.
+    containers.prepare_cgroups_in_background();
     Ok(RunningAgent { containers, server })
 }
 

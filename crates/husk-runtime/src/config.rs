@@ -84,7 +84,7 @@ pub struct AgentConfig {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            log_level: "info".into(),
+            log_level: "warn".into(),
             hypervisor: HypervisorConfig::default(),
             shared_fs: SharedFsConfig::default(),
             agent: AgentConfig::default(),

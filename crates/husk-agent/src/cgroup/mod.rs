@@ -97,7 +97,8 @@ impl CgroupRoot {
         &self.root
     }
 
-    fn prepare(&self) -> Result<(), CgroupError> {
+    /// Creates the root and enables the controllers, once.
+    pub fn prepare(&self) -> Result<(), CgroupError> {
         self.prepared
             .get_or_init(|| prepare_root(&self.root))
             .clone()
@@ -146,10 +147,23 @@ fn prepare_root(root: &Path) -> Result<(), String> {
 fn enable_controllers(dir: &Path) {
     let available = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
     let enabled = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
-    for controller in CONTROLLERS {
-        let offered = available.split_whitespace().any(|c| c == *controller);
-        let on = enabled.split_whitespace().any(|c| c == *controller);
-        if offered && !on {
+    let wanted: Vec<&str> = CONTROLLERS
+        .iter()
+        .copied()
+        .filter(|c| available.split_whitespace().any(|a| a == *c))
+        .filter(|c| !enabled.split_whitespace().any(|e| e == *c))
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    // One write for all of them (each write costs a trap under TCG); one
+    // at a time only if that fails, to name the one that does not work.
+    let all: Vec<String> = wanted.iter().map(|c| format!("+{c}")).collect();
+    if fs::write(dir.join("cgroup.subtree_control"), all.join(" ")).is_ok() {
+        return;
+    }
+    for controller in wanted {
+        {
             if let Err(e) = fs::write(dir.join("cgroup.subtree_control"), format!("+{controller}"))
             {
                 tracing::warn!(
