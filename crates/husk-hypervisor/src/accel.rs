@@ -96,16 +96,24 @@ pub fn tsc_khz_from_cpuinfo(cpuinfo: &str) -> Option<u64> {
     (khz > 0).then_some(khz)
 }
 
-/// Guest kernel parameters for a TCG guest. Under TCG the guest's TSC is the
-/// host's, but the guest cannot calibrate it and falls back to a 10 ms
-/// jiffies clock; telling it the frequency gives it the `tsc` clocksource
-/// (accurate sleeps, about 0.1 s faster boot). Empty for KVM or when the
-/// host's TSC frequency is not known exactly.
+/// Guest kernel parameters for a TCG guest; empty for KVM.
+///
+/// - Under TCG the guest's TSC is the host's, but the guest cannot
+///   calibrate it and falls back to a 10 ms jiffies clock; telling it the
+///   frequency (when the host knows it exactly) gives it the `tsc`
+///   clocksource: accurate sleeps, about 0.1 s faster boot.
+/// - `noapictimer`: calibrating the local APIC timer against the PIT takes
+///   about 0.2 s of emulated time at every boot; the guest ticks from the
+///   PIT instead (sleeps stay accurate, measured).
 pub fn tcg_clock_params(accel: Accel, tsc_khz: Option<u64>) -> Vec<String> {
-    match (accel, tsc_khz) {
-        (Accel::Tcg, Some(khz)) => vec![format!("tsc_early_khz={khz}"), "tsc=reliable".into()],
-        _ => Vec::new(),
+    if accel != Accel::Tcg {
+        return Vec::new();
     }
+    let mut p = vec!["noapictimer".to_string()];
+    if let Some(khz) = tsc_khz {
+        p.extend([format!("tsc_early_khz={khz}"), "tsc=reliable".into()]);
+    }
+    p
 }
 
 /// The outcome of [`choose`]: the acceleration and, when it fell back to TCG
@@ -232,12 +240,13 @@ mod tests {
         assert_eq!(
             tcg_clock_params(Accel::Tcg, Some(2_599_998)),
             vec![
+                "noapictimer".to_string(),
                 "tsc_early_khz=2599998".to_string(),
                 "tsc=reliable".to_string()
             ]
         );
         assert!(tcg_clock_params(Accel::Kvm, Some(2_599_998)).is_empty());
-        assert!(tcg_clock_params(Accel::Tcg, None).is_empty());
+        assert_eq!(tcg_clock_params(Accel::Tcg, None), vec!["noapictimer".to_string()]);
     }
 
     #[test]
