@@ -10,6 +10,7 @@ pub mod console;
 pub mod hooks;
 pub mod monitor;
 pub mod mountns;
+pub mod pod;
 pub mod sandbox;
 pub mod sandbox_dir;
 pub mod share;

@@ -10,6 +10,8 @@
 //! A missing prerequisite fails the test with a message that says how to
 //! get it; nothing is skipped.
 
+pub mod containerd;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

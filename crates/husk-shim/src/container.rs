@@ -1,0 +1,139 @@
+//! What the shim knows about its containers and their processes (the init
+//! and the execs), in containerd's terms.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use containerd_shim::api::Status;
+use tokio::sync::watch;
+
+use crate::io::{ProcessIo, StdioPaths};
+
+/// A process's end, as containerd reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// The exit code, or 128 + the signal.
+    pub status: u32,
+    pub at: SystemTime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcState {
+    /// The init is held before exec; an exec is recorded, not yet run.
+    Created,
+    Running,
+    Stopped,
+}
+
+pub struct Process {
+    pub stdio: StdioPaths,
+    pub state: ProcState,
+    pub exit: watch::Sender<Option<Exit>>,
+    pub io: Option<ProcessIo>,
+    /// An exec's OCI process (JSON), until it starts.
+    pub spec: Option<Vec<u8>>,
+}
+
+impl Process {
+    pub fn new(stdio: StdioPaths) -> Process {
+        Process {
+            stdio,
+            state: ProcState::Created,
+            exit: watch::channel(None).0,
+            io: None,
+            spec: None,
+        }
+    }
+
+    pub fn exited(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+
+    /// Records the end (once); returns whether this call did.
+    pub fn set_exited(&mut self, status: u32) -> Option<Exit> {
+        if self.state == ProcState::Stopped {
+            return None;
+        }
+        self.state = ProcState::Stopped;
+        let exit = Exit {
+            status,
+            at: SystemTime::now(),
+        };
+        self.exit.send_replace(Some(exit));
+        Some(exit)
+    }
+}
+
+/// How a paused container was paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Paused {
+    /// The whole VM is stopped (the container is alone in it).
+    Vm,
+    /// Its processes got SIGSTOP (other containers share the VM).
+    Signals,
+}
+
+pub struct Container {
+    pub bundle: PathBuf,
+    /// It started the pod, and the pod's VM goes away with it.
+    pub owner: bool,
+    /// Where the shim mounted the rootfs, if it did.
+    pub rootfs: Option<PathBuf>,
+    pub hooks: oci_spec::runtime::Hooks,
+    pub annotations: HashMap<String, String>,
+    pub init: Process,
+    pub execs: HashMap<String, Process>,
+    pub paused: Option<Paused>,
+}
+
+impl Container {
+    pub fn process(&self, exec_id: &str) -> Option<&Process> {
+        if exec_id.is_empty() {
+            Some(&self.init)
+        } else {
+            self.execs.get(exec_id)
+        }
+    }
+
+    pub fn process_mut(&mut self, exec_id: &str) -> Option<&mut Process> {
+        if exec_id.is_empty() {
+            Some(&mut self.init)
+        } else {
+            self.execs.get_mut(exec_id)
+        }
+    }
+
+    /// containerd's view of a process's status.
+    pub fn status(&self, exec_id: &str) -> Status {
+        let Some(p) = self.process(exec_id) else {
+            return Status::UNKNOWN;
+        };
+        match p.state {
+            ProcState::Created => Status::CREATED,
+            ProcState::Stopped => Status::STOPPED,
+            ProcState::Running if self.paused.is_some() => Status::PAUSED,
+            ProcState::Running => Status::RUNNING,
+        }
+    }
+
+    /// The OCI state that hooks get on stdin.
+    pub fn oci_state(&self, id: &str, pid: u32) -> serde_json::Value {
+        let status = match self.init.state {
+            ProcState::Created => "created",
+            ProcState::Running => "running",
+            ProcState::Stopped => "stopped",
+        };
+        let mut v = serde_json::json!({
+            "ociVersion": "1.1.0",
+            "id": id,
+            "status": status,
+            "pid": pid,
+            "bundle": self.bundle,
+        });
+        if !self.annotations.is_empty() {
+            v["annotations"] = serde_json::json!(self.annotations);
+        }
+        v
+    }
+}

@@ -1,0 +1,299 @@
+//! A process's stdio between containerd's endpoints and the guest, over
+//! husk-runtime's relays (`stdio::relay_output`, `stdio::relay_input`).
+//!
+//! containerd names each stream by a path (a FIFO that `ctr`, the CRI or
+//! another client reads or writes), a `file://` URI (`ctr run --log-uri`), or
+//! nothing. An output with no endpoint is still drained, so the container
+//! never blocks on a full pipe; an absent stdin is closed at once (the
+//! process sees end-of-input, as with `/dev/null`).
+//!
+//! - Output FIFOs are opened read-write, as containerd's own shims do: a
+//!   client that goes away leaves the shim writing into a FIFO that still
+//!   has a reader (so no EPIPE), and one that comes back (containerd after a
+//!   restart) finds the stream where it was.
+//! - stdin is read on a plain thread (inside `relay_input`) that polls the
+//!   FIFO and a stop pipe: end-of-input is the writer closing its end, or
+//!   `CloseIO`, after which what is already in the FIFO is still delivered.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use husk_runtime::agent::AgentClient;
+use husk_runtime::stdio;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use tokio::io::AsyncWrite;
+use tokio::task::JoinHandle;
+
+/// How long output may keep arriving after a process exited before
+/// `Delete` stops waiting for it.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The endpoints containerd gave for one process.
+#[derive(Debug, Clone, Default)]
+pub struct StdioPaths {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    #[error("cannot open {what} {path}")]
+    Open {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}: binary:// log drivers are not supported by husk; use a FIFO or file:// URI")]
+    Unsupported(String),
+}
+
+type Output = Box<dyn AsyncWrite + Send + Unpin>;
+
+fn open_output(what: &'static str, uri: &str) -> Result<Output, IoError> {
+    let err = |source| IoError::Open {
+        what,
+        path: uri.to_string(),
+        source,
+    };
+    if uri.is_empty() {
+        return Ok(Box::new(tokio::io::sink()));
+    }
+    if let Some(path) = uri.strip_prefix("file://") {
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(err)?;
+        return Ok(Box::new(tokio::fs::File::from_std(f)));
+    }
+    if uri.contains("://") {
+        return Err(IoError::Unsupported(uri.to_string()));
+    }
+    let sender = tokio::net::unix::pipe::OpenOptions::new()
+        .read_write(true)
+        .open_sender(uri)
+        .map_err(err)?;
+    Ok(Box::new(sender))
+}
+
+/// Reads a stdin FIFO until its writer closes it or a stop is requested.
+struct FifoReader {
+    fifo: File,
+    stop: OwnedFd,
+    stopping: bool,
+}
+
+impl FifoReader {
+    fn open(path: &Path, stop: OwnedFd) -> io::Result<FifoReader> {
+        // Non-blocking, so the open does not wait for a writer; poll() then
+        // reports nothing until a writer connects.
+        let fifo = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?;
+        Ok(FifoReader {
+            fifo,
+            stop,
+            stopping: false,
+        })
+    }
+}
+
+impl Read for FifoReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.stopping {
+                // Deliver what is already there, then end.
+                return match self.fifo.read(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                    r => r,
+                };
+            }
+            let (fifo_ready, stop) = {
+                let mut fds = [
+                    PollFd::new(self.fifo.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
+                ];
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+                let any = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+                (any(&fds[0]), any(&fds[1]))
+            };
+            if fifo_ready {
+                match self.fifo.read(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // 0 is the writer's end of input.
+                    r => return r,
+                }
+            }
+            if stop {
+                self.stopping = true;
+            }
+        }
+    }
+}
+
+/// The relays of one process.
+pub struct ProcessIo {
+    out: Option<JoinHandle<()>>,
+    err: Option<JoinHandle<()>>,
+    /// Dropping it ends stdin (`CloseIO`).
+    stdin_stop: Option<OwnedFd>,
+}
+
+impl ProcessIo {
+    /// Wires process `(cid, exec_id)` (which must exist in the agent) to
+    /// `paths`.
+    pub async fn start(
+        agent: &AgentClient,
+        cid: &str,
+        exec_id: &str,
+        paths: &StdioPaths,
+    ) -> Result<ProcessIo, IoError> {
+        let stdout = open_output("stdout", &paths.stdout)?;
+        let stderr = open_output("stderr", &paths.stderr)?;
+        let mut stdin_stop = None;
+        if !paths.stdin.is_empty() {
+            let (r, w) =
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| IoError::Open {
+                    what: "stdin",
+                    path: paths.stdin.clone(),
+                    source: e.into(),
+                })?;
+            let reader =
+                FifoReader::open(Path::new(&paths.stdin), r).map_err(|source| IoError::Open {
+                    what: "stdin",
+                    path: paths.stdin.clone(),
+                    source,
+                })?;
+            stdio::relay_input(agent.clone(), cid.into(), exec_id.into(), reader);
+            stdin_stop = Some(w);
+        } else if !paths.terminal {
+            // With a terminal, closing stdin would type ^D into it.
+            if let Err(e) = agent.close_stdin(cid, exec_id).await {
+                tracing::debug!(error = %e, "closing an unused stdin");
+            }
+        }
+        let out = stdio::relay_output(agent.clone(), cid.into(), exec_id.into(), false, stdout);
+        let err = stdio::relay_output(agent.clone(), cid.into(), exec_id.into(), true, stderr);
+        Ok(ProcessIo {
+            out: Some(out),
+            err: Some(err),
+            stdin_stop,
+        })
+    }
+
+    /// Ends the process's stdin once what was written so far is delivered.
+    pub fn close_stdin(&mut self) {
+        self.stdin_stop = None;
+    }
+
+    /// Waits (at most `timeout`) until the output is relayed, then stops
+    /// everything.
+    pub async fn finish(mut self, timeout: Duration) {
+        self.close_stdin();
+        let handles: Vec<JoinHandle<()>> = [self.out.take(), self.err.take()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let aborts: Vec<_> = handles.iter().map(|h| h.abort_handle()).collect();
+        let wait = async move {
+            for h in handles {
+                let _ = h.await;
+            }
+        };
+        if tokio::time::timeout(timeout, wait).await.is_err() {
+            tracing::warn!("process output did not end within {timeout:?}; dropping the rest");
+            for a in aborts {
+                a.abort();
+            }
+        }
+    }
+}
+
+impl Drop for ProcessIo {
+    fn drop(&mut self) {
+        for h in [self.out.take(), self.err.take()].into_iter().flatten() {
+            h.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn fifo(name: &str) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("husk-shim-io-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        p
+    }
+
+    #[test]
+    fn stdin_reads_until_the_writer_closes() {
+        let p = fifo("eof");
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let mut reader = FifoReader::open(&p, r).unwrap();
+        let p2 = p.clone();
+        let writer = std::thread::spawn(move || {
+            let mut f = OpenOptions::new().write(true).open(&p2).unwrap();
+            f.write_all(b"hello").unwrap();
+        });
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).unwrap();
+        writer.join().unwrap();
+        assert_eq!(got, b"hello");
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn close_delivers_what_was_written_then_ends() {
+        let p = fifo("close");
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let mut reader = FifoReader::open(&p, r).unwrap();
+        // The writer stays open: only the stop ends the input.
+        let mut f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all(b"abc").unwrap();
+        drop(w);
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"abc");
+        drop(f);
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn no_writer_yet_is_not_end_of_input() {
+        let p = fifo("wait");
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let mut reader = FifoReader::open(&p, r).unwrap();
+        let t = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).unwrap();
+            got
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !t.is_finished(),
+            "a FIFO nobody opened yet must not read as EOF"
+        );
+        let mut f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all(b"late").unwrap();
+        drop(f);
+        assert_eq!(t.join().unwrap(), b"late");
+        drop(w);
+        std::fs::remove_file(&p).unwrap();
+    }
+}

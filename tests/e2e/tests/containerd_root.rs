@@ -1,0 +1,372 @@
+//! The containerd shim (`io.containerd.husk.v2`) end to end: a private
+//! containerd 1.6 per test, `ctr` as the client, a local busybox image,
+//! real VMs under TCG. Root only.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use husk_e2e::containerd::{pb_bytes, run_on_pty, shim_call, Containerd, IMAGE, RUNTIME};
+use husk_e2e::*;
+
+fn out(o: &std::process::Output) -> String {
+    stdout(o)
+}
+
+#[test]
+fn ctrd_run_kernel_exit_env_mounts_readonly() {
+    let c = Containerd::start("run");
+    let o = c.run_rm(&[], "uname", &["uname", "-r"]);
+    assert_exit(&o, 0);
+    assert_eq!(out(&o).trim(), guest_release(), "the guest kernel answers");
+
+    let o = c.run_rm(&[], "exit7", &["sh", "-c", "exit 7"]);
+    assert_exit(&o, 7);
+
+    let host = TempDir::new("ctrd-bind");
+    std::fs::write(host.path().join("in"), "from the host\n").unwrap();
+    let mount = format!(
+        "type=bind,src={},dst=/data,options=rbind:rw",
+        host.path().display()
+    );
+    let o = c.run_rm(
+        &[
+            "--env",
+            "GREETING=hello",
+            "--cwd",
+            "/tmp",
+            "--mount",
+            &mount,
+        ],
+        "attrs",
+        &[
+            "sh",
+            "-c",
+            "echo $GREETING; pwd; cat /data/in; echo written > /data/out",
+        ],
+    );
+    assert_exit(&o, 0);
+    assert_eq!(out(&o), "hello\n/tmp\nfrom the host\n");
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("out")).unwrap(),
+        "written\n",
+        "a write to a bind mount lands on the host"
+    );
+
+    let o = c.run_rm(&["--read-only"], "ro", &["sh", "-c", "touch /x"]);
+    assert_ne!(o.status.code(), Some(0), "read-only rootfs was writable");
+    assert!(
+        stderr(&o).contains("Read-only file system"),
+        "stderr: {}",
+        stderr(&o)
+    );
+    c.assert_no_leaks();
+}
+
+#[test]
+fn ctrd_stdin_stdout_tty() {
+    let c = Containerd::start("stdio");
+    // 1 MiB of stdin, fed once the task runs (ctr loses an end-of-input that
+    // comes before the task exists), checked by hash.
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + i / 4099) as u8).collect();
+    let expected = {
+        let mut h = Command::new("sha256sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(h.stdin.as_mut().unwrap(), &data).unwrap();
+        drop(h.stdin.take());
+        String::from_utf8(h.wait_with_output().unwrap().stdout).unwrap()
+    };
+    let mut cmd = c.run_cmd(&["--rm", IMAGE, "stdin", "sha256sum"]);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    c.wait_status("stdin", "RUNNING");
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, &data).unwrap();
+    drop(stdin);
+    let pid = child.id();
+    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+    let done = wait_until(Duration::from_secs(120), || waiter.is_finished());
+    if !done {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        panic!("ctr run with piped stdin did not finish");
+    }
+    let o = waiter.join().unwrap();
+    assert_exit(&o, 0);
+    assert_eq!(
+        out(&o).split_whitespace().next(),
+        expected.split_whitespace().next(),
+        "stdin arrived intact"
+    );
+
+    // 10 MiB of stdout, complete and in order.
+    let n = 1_400_000;
+    let o = c.run_rm(&[], "seq", &["seq", "1", &n.to_string()]);
+    assert_exit(&o, 0);
+    let expected: String = (1..=n).map(|i| format!("{i}\n")).collect();
+    assert!(expected.len() > 10_000_000);
+    assert_eq!(o.stdout.len(), expected.len(), "output length");
+    assert!(o.stdout == expected.as_bytes(), "output differs from seq");
+
+    // A terminal: the process sees a tty, its output comes back.
+    let cmd = c.run_cmd(&[
+        "--rm",
+        "-t",
+        IMAGE,
+        "tty",
+        "sh",
+        "-c",
+        "[ -t 0 ] && [ -t 1 ] && echo on-a-tty; stty size",
+    ]);
+    let (text, code) = run_on_pty(cmd, Duration::from_secs(120));
+    assert_eq!(code, Some(0), "output: {text}");
+    assert!(text.contains("on-a-tty"), "output: {text}");
+    assert!(
+        text.contains("24 80"),
+        "the terminal's size reaches the guest: {text}"
+    );
+    c.assert_no_leaks();
+}
+
+#[test]
+fn ctrd_task_start_exec_ps_metrics_pause_kill_delete() {
+    let c = Containerd::start("tasks");
+    // `ctr container create` + `ctr task start -d`.
+    let o = c
+        .ctr()
+        .args([
+            "container",
+            "create",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "t1",
+            "--",
+        ])
+        .args([
+            "sh",
+            "-c",
+            "trap 'exit 3' TERM; while true; do sleep 1; done",
+        ])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    let o = c.ctr_out(&["task", "start", "-d", "--null-io", "t1"]);
+    assert_exit(&o, 0);
+    c.wait_status("t1", "RUNNING");
+    c.note_socket("t1");
+
+    // exec: output and exit code, then with a terminal.
+    let o = c.ctr_out(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "t1",
+        "sh",
+        "-c",
+        "echo exec-out; exit 5",
+    ]);
+    assert_exit(&o, 5);
+    assert_eq!(out(&o), "exec-out\n");
+    let mut cmd = c.ctr();
+    cmd.args(["task", "exec", "-t", "--exec-id", "e2", "t1"])
+        .args([
+            "sh",
+            "-c",
+            "[ -t 0 ] && [ -t 1 ] && echo on-a-tty; stty size",
+        ]);
+    let (text, code) = run_on_pty(cmd, Duration::from_secs(60));
+    assert_eq!(code, Some(0), "output: {text}");
+    assert!(
+        text.contains("on-a-tty") && text.contains("24 80"),
+        "output: {text}"
+    );
+
+    // ps: the guest's pids of the container.
+    let o = c.ctr_out(&["task", "ps", "t1"]);
+    assert_exit(&o, 0);
+    assert!(out(&o).lines().count() >= 2, "ps: {}", out(&o));
+
+    // metrics: cgroup v2 numbers from the guest.
+    let o = c.ctr_out(&["task", "metrics", "t1"]);
+    assert_exit(&o, 0);
+    let m = out(&o);
+    assert!(
+        m.contains("pids.current") && m.contains("memory.usage"),
+        "metrics: {m}"
+    );
+
+    // Update (ctr 1.6 has no `task update`: ask the shim directly), then
+    // metrics show the new limit.
+    let mut any = Vec::new();
+    pb_bytes(
+        &mut any,
+        1,
+        b"types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
+    );
+    pb_bytes(&mut any, 2, br#"{"memory":{"limit":50331648}}"#);
+    let mut req = Vec::new();
+    pb_bytes(&mut req, 1, b"t1");
+    pb_bytes(&mut req, 2, &any);
+    shim_call(&c.shim_socket("t1"), "Update", &req).expect("Update");
+    let o = c.ctr_out(&["task", "metrics", "t1"]);
+    assert!(
+        out(&o)
+            .lines()
+            .any(|l| l.contains("memory.usage_limit") && l.contains("50331648")),
+        "metrics after update: {}",
+        out(&o)
+    );
+
+    // pause and resume.
+    assert_exit(&c.ctr_out(&["task", "pause", "t1"]), 0);
+    assert_eq!(c.task_status("t1").as_deref(), Some("PAUSED"));
+    assert_exit(&c.ctr_out(&["task", "resume", "t1"]), 0);
+    assert_eq!(c.task_status("t1").as_deref(), Some("RUNNING"));
+
+    // SIGTERM: the trap exits 3; `ctr task delete` reports it.
+    assert_exit(&c.ctr_out(&["task", "kill", "t1"]), 0);
+    c.wait_status("t1", "STOPPED");
+    let o = c.ctr_out(&["task", "delete", "t1"]);
+    assert_exit(&o, 0);
+    assert!(stderr(&o).contains("exit code 3"), "{}", stderr(&o));
+
+    // SIGKILL to all of a second task's processes.
+    c.run_detached(&[], "t2", &["sh", "-c", "sleep 1000 & sleep 1000"]);
+    assert_exit(
+        &c.ctr_out(&["task", "kill", "-a", "-s", "SIGKILL", "t2"]),
+        0,
+    );
+    c.wait_status("t2", "STOPPED");
+    let o = c.ctr_out(&["task", "delete", "t2"]);
+    assert!(stderr(&o).contains("exit code 137"), "{}", stderr(&o));
+    assert_exit(&c.ctr_out(&["container", "rm", "t1", "t2"]), 0);
+    c.assert_no_leaks();
+}
+
+#[test]
+fn ctrd_oom_is_an_event_and_exit_137() {
+    let c = Containerd::start("oom");
+    let events_log = c.dir.path().join("events.log");
+    let mut events = c
+        .ctr()
+        .arg("events")
+        .stdout(std::fs::File::create(&events_log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let o = c.run_rm(
+        &["--memory-limit", "33554432"],
+        "oom",
+        &["sh", "-c", "exec tail < /dev/zero"],
+    );
+    assert_exit(&o, 137);
+    let seen = wait_until(Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&events_log).unwrap_or_default();
+        text.lines()
+            .any(|l| l.contains("/tasks/oom") && l.contains("\"oom\""))
+            && text
+                .lines()
+                .any(|l| l.contains("/tasks/exit") && l.contains("137"))
+    });
+    let _ = events.kill();
+    let _ = events.wait();
+    assert!(
+        seen,
+        "no OOM and exit events:\n{}",
+        std::fs::read_to_string(&events_log).unwrap_or_default()
+    );
+    c.assert_no_leaks();
+}
+
+#[test]
+fn ctrd_pod_shares_one_vm() {
+    let c = Containerd::start("pod");
+    let sandbox = [
+        "--annotation",
+        "io.kubernetes.cri.container-type=sandbox",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=pod1",
+    ];
+    let member = [
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=pod1",
+    ];
+    c.run_detached(&sandbox, "pod1", &["sleep", "1000"]);
+    c.run_detached(&member, "pod1-app", &["sleep", "1000"]);
+    let boot_id = |id: &str| {
+        let o = c.ctr_out(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "boot",
+            id,
+            "cat",
+            "/proc/sys/kernel/random/boot_id",
+        ]);
+        assert_exit(&o, 0);
+        out(&o).trim().to_string()
+    };
+    let a = boot_id("pod1");
+    let b = boot_id("pod1-app");
+    assert!(!a.is_empty());
+    assert_eq!(a, b, "both containers run in one guest");
+    assert_eq!(c.qemus().len(), 1, "one VM for the pod");
+    assert_eq!(c.shims().len(), 1, "one shim for the pod");
+
+    for id in ["pod1-app", "pod1"] {
+        assert_exit(&c.ctr_out(&["task", "kill", "-s", "SIGKILL", id]), 0);
+        c.wait_status(id, "STOPPED");
+        let o = c.ctr_out(&["task", "delete", id]);
+        assert!(stderr(&o).contains("exit code 137"), "{}", stderr(&o));
+    }
+    assert_exit(&c.ctr_out(&["container", "rm", "pod1-app", "pod1"]), 0);
+    c.assert_no_leaks();
+}
+
+#[test]
+fn ctrd_restart_keeps_tasks_and_dead_shims_are_cleaned() {
+    let mut c = Containerd::start("restart");
+    c.run_detached(&[], "r1", &["sleep", "1000"]);
+    c.restart();
+    assert_eq!(c.task_status("r1").as_deref(), Some("RUNNING"));
+    let o = c.ctr_out(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "after",
+        "r1",
+        "echo",
+        "still-here",
+    ]);
+    assert_exit(&o, 0);
+    assert_eq!(out(&o), "still-here\n");
+    assert_exit(&c.ctr_out(&["task", "kill", "-s", "SIGKILL", "r1"]), 0);
+    c.wait_status("r1", "STOPPED");
+    let o = c.ctr_out(&["task", "delete", "r1"]);
+    assert!(stderr(&o).contains("exit code 137"), "{}", stderr(&o));
+
+    // A shim that dies: containerd runs `shim delete`, which removes what it
+    // left (its VM dies with it).
+    c.run_detached(&[], "r2", &["sleep", "1000"]);
+    let shims = c.shims();
+    assert_eq!(shims.len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shims[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let gone = wait_until(Duration::from_secs(60), || c.task_status("r2").is_none());
+    assert!(gone, "containerd still lists the task of a dead shim");
+    assert_exit(&c.ctr_out(&["container", "rm", "r1", "r2"]), 0);
+    c.assert_no_leaks();
+}
