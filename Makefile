@@ -20,9 +20,9 @@ all: build guest
 setup:
 	@scripts/setup-host.sh
 
-## build: host binaries (husk)
+## build: host binaries (husk, containerd-shim-husk-v2)
 build:
-	cargo build --release -p husk
+	cargo build --release -p husk -p husk-shim
 
 ## agent: the static guest agent (glibc crt-static)
 agent:
@@ -41,6 +41,7 @@ guest: kernel initrd
 ## install: husk to $(PREFIX)/bin, the guest to $(PREFIX)/share/husk (the config defaults)
 install: build guest
 	install -D -m 0755 target/release/husk $(PREFIX)/bin/husk
+	install -D -m 0755 target/release/containerd-shim-husk-v2 $(PREFIX)/bin/containerd-shim-husk-v2
 	install -D -m 0644 $(GUEST_DIR)/vmlinux $(PREFIX)/share/husk/vmlinux
 	install -D -m 0644 $(GUEST_DIR)/vmlinux.release $(PREFIX)/share/husk/vmlinux.release
 	install -D -m 0644 $(GUEST_DIR)/initrd.img $(PREFIX)/share/husk/initrd.img
@@ -65,6 +66,7 @@ test-unit:
 ## test-e2e: real VMs under QEMU (root)
 test-e2e: build guest
 	HUSK_BIN=$(CURDIR)/target/release/husk HUSK_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) \
+	  HUSK_SHIM_BIN=$(CURDIR)/target/release/containerd-shim-husk-v2 \
 	  cargo test -p husk-e2e -- --test-threads=2
 
 ## test: every layer this machine can run
@@ -73,7 +75,8 @@ test: setup lint test-unit test-e2e
 ## bench: husk run vs runc run, same bundle, same run; prints ratios
 bench: build guest
 	HUSK_BIN=$(CURDIR)/target/release/husk HUSK_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) \
-	  cargo bench -p husk-e2e --bench run_vs_runc
+	  HUSK_SHIM_BIN=$(CURDIR)/target/release/containerd-shim-husk-v2 \
+	  cargo bench -p husk-e2e
 
 clean-cache:
 	rm -rf $(HUSK_CACHE)/kernel
