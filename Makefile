@@ -76,7 +76,7 @@ test: setup lint test-unit test-e2e
 bench: build guest
 	HUSK_BIN=$(CURDIR)/target/release/husk HUSK_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) \
 	  HUSK_SHIM_BIN=$(CURDIR)/target/release/containerd-shim-husk-v2 \
-	  cargo bench -p husk-e2e
+	  cargo bench -p husk-e2e --benches
 
 clean-cache:
 	rm -rf $(HUSK_CACHE)/kernel
