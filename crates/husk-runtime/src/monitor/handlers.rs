@@ -230,6 +230,13 @@ async fn exec(
             return;
         }
     };
+    let (input, stop_input) = match stdio::stoppable(input) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = api::write_response(&mut stream, &err(format!("stdin relay: {e}"))).await;
+            return;
+        }
+    };
     let body = serde_json::to_vec(&process).unwrap_or_default();
     if let Err(e) = shared.agent.exec_process(&shared.cid, &exec_id, body).await {
         let _ = api::write_response(&mut stream, &err(error_chain(&e))).await;
@@ -253,7 +260,11 @@ async fn exec(
     );
     stdio::relay_input(agent.clone(), cid.clone(), exec_id.clone(), input);
     let _ = api::write_response(&mut stream, &ok(Value::Null)).await;
-    let status = match agent.wait_process(&cid, &exec_id).await {
+    let waited = agent.wait_process(&cid, &exec_id).await;
+    // The process is gone: stop reading the caller's stdin (a terminal or
+    // a pipe it may keep open), so the descriptor is released now.
+    drop(stop_input);
+    let status = match waited {
         Ok(s) => s.status,
         Err(e) => {
             let _ = api::write_response(&mut stream, &err(error_chain(&e))).await;
