@@ -2,11 +2,13 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use super::api::{self, ExecStdio, Request, Response};
 use super::{error_chain, Command, Shared, DRAIN_TIMEOUT};
@@ -14,11 +16,55 @@ use crate::console;
 use crate::state::Status;
 use crate::stdio;
 
+/// Counts the requests being handled, so the monitor can let them write
+/// their replies before it exits (a `delete` is answered only after the
+/// teardown, right before the monitor's end).
+#[derive(Clone, Default)]
+pub(crate) struct InFlight(Arc<(AtomicUsize, Notify)>);
+
+/// One request being handled; dropping it ends it.
+pub(crate) struct InFlightGuard(InFlight);
+
+impl InFlight {
+    pub fn enter(&self) -> InFlightGuard {
+        self.0 .0.fetch_add(1, Ordering::SeqCst);
+        InFlightGuard(self.clone())
+    }
+
+    /// Waits until no request is being handled, or `timeout` passes.
+    pub async fn drained(&self, timeout: Duration) {
+        let wait = async {
+            loop {
+                let notified = self.0 .1.notified();
+                if self.0 .0.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(timeout, wait).await.is_err() {
+            tracing::debug!("requests still in flight as the monitor exits");
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0 .0 .0.fetch_sub(1, Ordering::SeqCst);
+        self.0 .0 .1.notify_waiters();
+    }
+}
+
 pub(crate) async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(handle(stream, shared.clone()));
+                let guard = shared.in_flight.enter();
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    handle(stream, shared).await;
+                    drop(guard);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "monitor socket accept failed");
@@ -277,4 +323,33 @@ async fn exec(
     })
     .await;
     let _ = api::write_response(&mut stream, &Response::Exit { status }).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn drained_waits_for_requests_in_flight() {
+        let f = InFlight::default();
+        let g = f.enter();
+        let done = tokio::spawn({
+            let f = f.clone();
+            async move { f.drained(Duration::from_secs(30)).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!done.is_finished());
+        drop(g);
+        tokio::time::timeout(Duration::from_secs(5), done)
+            .await
+            .expect("drained returns once the last request ends")
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drained_gives_up_after_its_timeout() {
+        let f = InFlight::default();
+        let _g = f.enter();
+        f.drained(Duration::from_secs(3)).await;
+    }
 }

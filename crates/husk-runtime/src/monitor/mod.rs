@@ -109,6 +109,7 @@ pub(crate) struct Shared {
     pub dir: PathBuf,
     pub state: Mutex<ContainerState>,
     pub commands: mpsc::Sender<Command>,
+    pub in_flight: handlers::InFlight,
 }
 
 impl Shared {
@@ -265,6 +266,7 @@ async fn serve_inner(
         dir: dir_path.clone(),
         state: Mutex::new(st),
         commands: cmd_tx,
+        in_flight: handlers::InFlight::default(),
     });
     report_ready(&mut opts.ready, serde_json::json!({ "pid": me }));
     drop(lock);
@@ -335,8 +337,14 @@ async fn serve_inner(
     if !poststop.is_empty() {
         hooks::run_logged("poststop", &poststop, &stopped_state).await;
     }
+    // Let the handlers write their last replies (a delete's, an exec's
+    // exit) before the process ends.
+    shared.in_flight.drained(REPLY_TIMEOUT).await;
     result
 }
+
+/// How long the monitor waits, at its end, for replies still being written.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Tears the sandbox down after the container ended; returns its status.
 async fn finish(
