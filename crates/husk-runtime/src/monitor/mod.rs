@@ -63,6 +63,10 @@ pub enum MonitorError {
     Spawn(#[source] std::io::Error),
     #[error("{0}")]
     Failed(String),
+    /// The error went to `husk create` through the ready pipe; it reports
+    /// it (printing it here too would show it twice on the same stderr).
+    #[error("the sandbox monitor failed before the container was created")]
+    ReportedToCreator,
 }
 
 pub struct MonitorOptions {
@@ -170,10 +174,12 @@ pub async fn serve(
 ) -> Result<i32, MonitorError> {
     let r = serve_inner(cfg, hv, &mut opts).await;
     if let Err(e) = &r {
-        report_ready(
-            &mut opts.ready,
-            serde_json::json!({ "error": error_chain(e) }),
-        );
+        if opts.ready.is_some() {
+            let msg = error_chain(e);
+            tracing::debug!("failed before the container was created: {msg}");
+            report_ready(&mut opts.ready, serde_json::json!({ "error": msg }));
+            return Err(MonitorError::ReportedToCreator);
+        }
     }
     r
 }

@@ -35,6 +35,11 @@ pub fn run_monitor(cfg: &Config, opts: MonitorOptions) -> anyhow::Result<u8> {
     let r = rt.block_on(monitor::serve(cfg, &Qemu, opts));
     // Blocked stdin reads must not keep the process alive.
     rt.shutdown_background();
-    let status = r?;
+    let status = match r {
+        Ok(s) => s,
+        // `husk create` got the error through the ready pipe and reports it.
+        Err(monitor::MonitorError::ReportedToCreator) => return Ok(1),
+        Err(e) => return Err(e.into()),
+    };
     Ok(u8::try_from(status.clamp(0, 255)).unwrap_or(255))
 }
