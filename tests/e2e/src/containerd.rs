@@ -556,6 +556,12 @@ fn pb_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+/// Appends a varint field (integers, bools).
+pub fn pb_uint(out: &mut Vec<u8>, field: u32, v: u64) {
+    pb_varint(out, u64::from(field) << 3);
+    pb_varint(out, v);
+}
+
 /// Appends a length-delimited field (strings, bytes, messages).
 pub fn pb_bytes(out: &mut Vec<u8>, field: u32, data: &[u8]) {
     pb_varint(out, u64::from(field) << 3 | 2);

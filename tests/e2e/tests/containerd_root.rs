@@ -5,7 +5,10 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use husk_e2e::containerd::{pb_bytes, run_on_pty, shim_call, Containerd, IMAGE, RUNTIME};
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+
+use husk_e2e::containerd::{pb_bytes, pb_uint, run_on_pty, shim_call, Containerd, IMAGE, RUNTIME};
 use husk_e2e::*;
 
 fn out(o: &std::process::Output) -> String {
@@ -189,6 +192,46 @@ fn ctrd_task_start_exec_ps_metrics_pause_kill_delete() {
         "output: {text}"
     );
 
+    // CloseIO ends an exec's stdin (after what was already written) while
+    // the client still holds its end open.
+    let mut cmd = c.ctr();
+    cmd.args(["task", "exec", "--exec-id", "cat", "t1", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(b"before-close\n").unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut output = child.stdout.take().unwrap();
+    let sink = seen.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = output.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let echoed = wait_until(Duration::from_secs(60), || {
+        seen.lock().unwrap().ends_with(b"before-close\n")
+    });
+    assert!(echoed, "cat did not echo its input");
+    let mut req = Vec::new();
+    pb_bytes(&mut req, 1, b"t1");
+    pb_bytes(&mut req, 2, b"cat");
+    pb_uint(&mut req, 3, 1);
+    shim_call(&c.shim_socket("t1"), "CloseIO", &req).expect("CloseIO");
+    let ended = wait_until(Duration::from_secs(60), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    assert!(ended, "cat did not see the end of its input");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    reader.join().unwrap();
+    drop(input);
+    assert_eq!(&*seen.lock().unwrap(), b"before-close\n");
+
     // ps: the guest's pids of the container.
     let o = c.ctr_out(&["task", "ps", "t1"]);
     assert_exit(&o, 0);
@@ -301,7 +344,10 @@ fn ctrd_pod_shares_one_vm() {
         "--annotation",
         "io.kubernetes.cri.sandbox-id=pod1",
     ];
-    c.run_detached(&sandbox, "pod1", &["sleep", "1000"]);
+    // The sandbox's memory limit sizes the VM: the configured 256 MiB plus 64.
+    let mut sized = sandbox.to_vec();
+    sized.extend(["--memory-limit", "67108864"]);
+    c.run_detached(&sized, "pod1", &["sleep", "1000"]);
     c.run_detached(&member, "pod1-app", &["sleep", "1000"]);
     let boot_id = |id: &str| {
         let o = c.ctr_out(&[
@@ -321,6 +367,9 @@ fn ctrd_pod_shares_one_vm() {
     assert!(!a.is_empty());
     assert_eq!(a, b, "both containers run in one guest");
     assert_eq!(c.qemus().len(), 1, "one VM for the pod");
+    let qemu = std::fs::read(format!("/proc/{}/cmdline", c.qemus()[0])).unwrap();
+    let qemu = String::from_utf8_lossy(&qemu).replace('\0', " ");
+    assert!(qemu.contains(" -m 320M "), "VM size: {qemu}");
     assert_eq!(c.shims().len(), 1, "one shim for the pod");
 
     for id in ["pod1-app", "pod1"] {
@@ -339,6 +388,15 @@ fn ctrd_restart_keeps_tasks_and_dead_shims_are_cleaned() {
     c.run_detached(&[], "r1", &["sleep", "1000"]);
     c.restart();
     assert_eq!(c.task_status("r1").as_deref(), Some("RUNNING"));
+    // Events reach the new containerd.
+    let events_log = c.dir.path().join("events.log");
+    let mut events = c
+        .ctr()
+        .arg("events")
+        .stdout(std::fs::File::create(&events_log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let o = c.ctr_out(&[
         "task",
         "exec",
@@ -352,6 +410,19 @@ fn ctrd_restart_keeps_tasks_and_dead_shims_are_cleaned() {
     assert_eq!(out(&o), "still-here\n");
     assert_exit(&c.ctr_out(&["task", "kill", "-s", "SIGKILL", "r1"]), 0);
     c.wait_status("r1", "STOPPED");
+    let seen = wait_until(Duration::from_secs(60), || {
+        std::fs::read_to_string(&events_log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("/tasks/exit") && l.contains("\"r1\"") && l.contains("137"))
+    });
+    let _ = events.kill();
+    let _ = events.wait();
+    assert!(
+        seen,
+        "no exit event after the restart:\n{}",
+        std::fs::read_to_string(&events_log).unwrap_or_default()
+    );
     let o = c.ctr_out(&["task", "delete", "r1"]);
     assert!(stderr(&o).contains("exit code 137"), "{}", stderr(&o));
 

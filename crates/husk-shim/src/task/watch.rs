@@ -1,0 +1,43 @@
+//! Tasks that follow the guest: each process's end, and OOM kills.
+
+use std::sync::Arc;
+
+use husk_runtime::monitor::error_chain;
+use husk_runtime::pod::Pod;
+
+use super::Inner;
+use crate::events::{self, topics};
+
+/// Waits in the guest for the end of `(cid, exec_id)`. A lost agent (the VM
+/// died) ends every process with status 255.
+pub(super) fn watch_exit(inner: Arc<Inner>, pod: Arc<Pod>, cid: String, exec_id: String) {
+    tokio::spawn(async move {
+        let status = match pod.agent().wait_process(&cid, &exec_id).await {
+            Ok(s) => u32::try_from(s.status).unwrap_or(255),
+            Err(e) => {
+                tracing::warn!(container = %cid, exec = %exec_id, "lost the process: {}", error_chain(&e));
+                255
+            }
+        };
+        inner.process_exited(&cid, &exec_id, status).await;
+    });
+}
+
+/// Passes the guest's OOM kills on to containerd, until the VM goes.
+pub(super) fn watch_oom(inner: Arc<Inner>, pod: Arc<Pod>) {
+    tokio::spawn(async move {
+        while let Ok(cid) = pod.agent().next_oom_event().await {
+            let known = inner.lock().containers.contains_key(&cid);
+            tracing::info!(container = %cid, known, "OOM kill in the guest");
+            if known {
+                let ev = events::TaskOOM {
+                    container_id: cid,
+                    ..Default::default()
+                };
+                inner
+                    .publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev))
+                    .await;
+            }
+        }
+    });
+}
