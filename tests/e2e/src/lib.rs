@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod console;
+pub mod podman;
+
 pub mod spec;
 
 pub fn repo_root() -> PathBuf {
@@ -227,21 +230,122 @@ impl Env {
     /// entries in its state root.
     pub fn assert_no_leaks(&self) {
         let needle = self.dir.path().to_string_lossy().to_string();
-        let gone = wait_until(Duration::from_secs(10), || {
-            processes_mentioning(&needle).is_empty()
+        assert_nothing_left(&Leftovers {
+            needles: vec![needle],
+            mount_roots: vec![self.dir.path().to_path_buf()],
+            ..Leftovers::default()
         });
-        assert!(
-            gone,
-            "processes left behind: {:?}",
-            processes_mentioning(&needle)
-        );
-        let m = mounts_under(self.dir.path());
-        assert!(m.is_empty(), "mounts left behind: {m:?}");
         let left: Vec<_> = std::fs::read_dir(self.root())
             .map(|r| r.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
         assert!(left.is_empty(), "state left behind: {left:?}");
     }
+
+    /// `<root>/<id>`: the state dir of container `id`.
+    pub fn state_dir(&self, id: &str) -> PathBuf {
+        self.root().join(id)
+    }
+}
+
+/// husk's state root when no `--root` is given. podman's cleanup process
+/// (conmon's exit command) runs the runtime without the `--runtime-flag`s,
+/// so containers run by podman must live here.
+pub const DEFAULT_STATE_ROOT: &str = "/run/husk";
+
+/// What a test must not leave behind.
+#[derive(Debug, Default, Clone)]
+pub struct Leftovers {
+    /// No process may name any of these on its command line (a test's
+    /// temp dir, a container id: QEMU, virtiofsd and the monitor all name
+    /// the container's state dir), and no mount point may contain them.
+    pub needles: Vec<String>,
+    /// Nothing may be mounted at or below these.
+    pub mount_roots: Vec<PathBuf>,
+    /// These must not exist (state dirs).
+    pub absent: Vec<PathBuf>,
+}
+
+/// How long processes may take to go after a test's last command (QEMU's
+/// shutdown, podman's cleanup process started by conmon).
+pub const EXIT_GRACE: Duration = Duration::from_secs(30);
+
+/// Fails unless nothing of `what` is left: no process, no mount, no path.
+pub fn assert_nothing_left(what: &Leftovers) {
+    let procs = || -> Vec<(u32, String)> {
+        what.needles
+            .iter()
+            .flat_map(|n| processes_mentioning(n))
+            .collect()
+    };
+    let gone = wait_until(EXIT_GRACE, || procs().is_empty());
+    assert!(gone, "processes left behind: {:?}", procs());
+    let mut mounts: Vec<String> = what
+        .mount_roots
+        .iter()
+        .flat_map(|d| mounts_under(d))
+        .collect();
+    mounts.extend(
+        mount_points()
+            .into_iter()
+            .filter(|m| what.needles.iter().any(|n| m.contains(n.as_str()))),
+    );
+    assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
+    let left: Vec<_> = what.absent.iter().filter(|p| p.exists()).collect();
+    assert!(left.is_empty(), "state left behind: {left:?}");
+}
+
+/// Every mount point in this mount namespace.
+pub fn mount_points() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .collect()
+}
+
+/// Runs `cmd` without input, capturing its output; kills it after `timeout`.
+pub fn run_timeout(cmd: Command, timeout: Duration) -> Output {
+    run_with_input(cmd, b"", timeout)
+}
+
+/// Makes this process the reaper of its orphaned descendants (as conmon
+/// is), so a test can collect the exit status of a process that husk
+/// leaves behind (a monitor, a detached exec).
+pub fn become_subreaper() {
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer argument and touches
+    // no memory of ours.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(r, 0, "prctl(PR_SET_CHILD_SUBREAPER) failed");
+}
+
+/// Waits for `pid`, a child of this process (see [`become_subreaper`]),
+/// to exit; returns its status as a shell shows it (code, or 128+signal),
+/// or None if it did not exit within `timeout`.
+pub fn wait_exit_status(pid: i32, timeout: Duration) -> Option<i32> {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let mut status = None;
+    wait_until(timeout, || {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => status = Some(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => status = Some(128 + sig as i32),
+            Ok(_) => return false,
+            Err(e) => panic!("waitpid({pid}): {e}: not a child of the test process"),
+        }
+        true
+    });
+    status
+}
+
+/// Whether `pid` is a live process (a zombie is not).
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .map(|i| !matches!(s[i + 1..].split_whitespace().next(), Some("Z" | "X")))
+        })
+        .unwrap_or(false)
 }
 
 /// Runs `cmd` with `input` on stdin and captures stdout/stderr, killing it
@@ -250,7 +354,10 @@ pub fn run_with_input(mut cmd: Command, input: &[u8], timeout: Duration) -> Outp
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn husk");
+    let program = cmd.get_program().to_owned();
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program:?}: {e}"));
     let mut stdin = child.stdin.take().unwrap();
     let input = input.to_vec();
     let writer = std::thread::spawn(move || {
@@ -268,10 +375,33 @@ pub fn run_with_input(mut cmd: Command, input: &[u8], timeout: Duration) -> Outp
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
-        panic!("husk did not finish within {timeout:?}");
+        panic!("{program:?} did not finish within {timeout:?}");
     }
     let _ = writer.join();
     waiter.join().unwrap().expect("wait for husk")
+}
+
+/// Fills `rootfs` with a busybox-static root filesystem: `/bin/busybox`,
+/// a symlink per applet, and the usual empty directories (as
+/// `scripts/busybox-bundle.sh` does).
+pub fn busybox_rootfs(rootfs: &Path) {
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root", "home"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    let bb = Path::new("/bin/busybox");
+    assert!(
+        bb.is_file(),
+        "/bin/busybox not found: install busybox-static (make setup)"
+    );
+    std::fs::copy(bb, rootfs.join("bin/busybox")).unwrap();
+    let list = Command::new(bb).arg("--list").output().unwrap();
+    for name in String::from_utf8_lossy(&list.stdout).lines() {
+        if name != "busybox" {
+            let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(name));
+        }
+    }
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\n").unwrap();
 }
 
 /// A busybox bundle in a temp dir.
@@ -284,24 +414,7 @@ impl Bundle {
     /// A busybox-static rootfs and a runc-like default spec running `args`.
     pub fn busybox(args: &[&str]) -> Bundle {
         let dir = TempDir::new("bundle");
-        let rootfs = dir.path().join("rootfs");
-        for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root", "home"] {
-            std::fs::create_dir_all(rootfs.join(d)).unwrap();
-        }
-        let bb = Path::new("/bin/busybox");
-        assert!(
-            bb.is_file(),
-            "/bin/busybox not found: install busybox-static (make setup)"
-        );
-        std::fs::copy(bb, rootfs.join("bin/busybox")).unwrap();
-        let list = Command::new(bb).arg("--list").output().unwrap();
-        for name in String::from_utf8_lossy(&list.stdout).lines() {
-            if name != "busybox" {
-                let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(name));
-            }
-        }
-        std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-        std::fs::write(rootfs.join("etc/group"), "root:x:0:\n").unwrap();
+        busybox_rootfs(&dir.path().join("rootfs"));
         let spec = json!({
             "ociVersion": "1.0.2",
             "process": {
@@ -357,14 +470,68 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
-/// Asserts success and shows husk's stderr otherwise.
+/// Asserts the exit code, showing the command's output otherwise.
 pub fn assert_exit(o: &Output, code: i32) {
     assert_eq!(
         o.status.code(),
         Some(code),
-        "husk exited {:?}\nstdout: {}\nstderr: {}",
+        "exited {:?}\nstdout: {}\nstderr: {}",
         o.status,
         stdout(o),
         stderr(o)
     );
+}
+
+/// Asserts that husk failed with one `husk: ...` line on stderr that
+/// contains `needle`.
+pub fn assert_one_line_error(o: &Output, needle: &str) {
+    assert_ne!(o.status.code(), Some(0), "husk should fail");
+    let err = stderr(o);
+    let lines: Vec<_> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
+    assert!(lines[0].starts_with("husk: "), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+/// Runs `cmd` with stdin from /dev/null and stdout/stderr into
+/// `<prefix>.out` / `<prefix>.err` (appending), for commands that leave a
+/// process holding them (`husk create`, `husk run -d`: the monitor keeps
+/// the container's stdio), so nobody waits for a pipe to close. Returns
+/// the exit status and what the files hold once it has exited.
+pub fn run_to_files(mut cmd: Command, prefix: &Path, timeout: Duration) -> Output {
+    let path = |ext: &str| PathBuf::from(format!("{}.{ext}", prefix.display()));
+    let open = |ext: &str| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path(ext))
+            .unwrap()
+    };
+    let before = |ext: &str| std::fs::metadata(path(ext)).map(|m| m.len()).unwrap_or(0);
+    let (out0, err0) = (before("out"), before("err"));
+    cmd.stdin(Stdio::null())
+        .stdout(open("out"))
+        .stderr(open("err"));
+    let program = cmd.get_program().to_owned();
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program:?}: {e}"));
+    let mut status = None;
+    let done = wait_until(timeout, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    if !done {
+        let _ = child.kill();
+        panic!("{program:?} did not finish within {timeout:?}");
+    }
+    let read = |ext: &str, from: u64| {
+        let all = std::fs::read(path(ext)).unwrap_or_default();
+        all[(from as usize).min(all.len())..].to_vec()
+    };
+    Output {
+        status: status.unwrap(),
+        stdout: read("out", out0),
+        stderr: read("err", err0),
+    }
 }
