@@ -15,6 +15,9 @@ PACKAGES=(
     build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils file
     busybox-static           # test images
     runc                     # benchmark baseline
+    podman conmon            # e2e: podman --runtime husk (conmon drives the runtime)
+    containerd               # e2e: containerd 1.6 + ctr with the husk shim
+    tar                      # e2e: the busybox image for podman (podman import)
     protobuf-compiler        # agent protocol code generation
     libseccomp-dev libcap-ng-dev   # building virtiofsd
     python3                  # guest/initrd/build.sh
