@@ -156,11 +156,24 @@ results=$base/results
 run=$(mktemp -d /tmp/husk-conformance.XXXXXX)
 trap 'rm -rf "$run"' EXIT
 
-wrapper() { # NAME COMMAND...: a RUNTIME for the suite
+# A RUNTIME for the suite: COMMAND... plus the verb's arguments. A failing
+# `delete` is recorded in $CONFORMANCE_CALLS (the suite's cleanup only
+# says "exit status 1").
+wrapper() { # NAME COMMAND...
   local w=$run/bin/$1
   mkdir -p "$run/bin" "$run/root-$1"
   shift
-  printf '#!/bin/sh\nexec %s "$@"\n' "$*" > "$w"
+  cat > "$w" <<EOF
+#!/bin/bash
+[ "\$1" = delete ] || exec $* "\$@"
+err=\$(mktemp)
+$* "\$@" 2>"\$err"
+rc=\$?
+cat "\$err" >&2
+[ \$rc = 0 ] || echo "\$(basename "\$0") \$*: exit \$rc: \$(cat "\$err")" >> "\${CONFORMANCE_CALLS:-/dev/null}"
+rm -f "\$err"
+exit \$rc
+EOF
   chmod +x "$w"
   echo "$w"
 }
@@ -240,8 +253,9 @@ for t in "${tests[@]}"; do
     start=$(date +%s%N)
     set +e
     # The suite finds runtimetest and rootfs-amd64.tar.gz in its working dir.
-    (cd "$src" && RUNTIME=${runtime_cmd[$r]} timeout -k 10 "$TEST_TIMEOUT" "$exe") \
-      >"$out.tap" 2>"$out.err" </dev/null
+    rm -f "$out.calls"
+    (cd "$src" && RUNTIME=${runtime_cmd[$r]} CONFORMANCE_CALLS=$out.calls \
+      timeout -k 10 "$TEST_TIMEOUT" "$exe") >"$out.tap" 2>"$out.err" </dev/null
     rc=$?
     set -e
     echo "$rc" > "$out.rc"
@@ -251,6 +265,7 @@ for t in "${tests[@]}"; do
       left=$(leftovers)
       if [ -n "$left" ]; then
         echo "left behind: $left" >> "$out.err"
+        [ -f "$out.calls" ] && cat "$out.calls" >> "$out.err"
         res="$res(leak)"
         cleanup_husk
       fi
