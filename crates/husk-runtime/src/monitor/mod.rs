@@ -304,37 +304,39 @@ async fn serve_inner(
     } = stdio;
     let accept = tokio::spawn(handlers::accept_loop(listener, shared.clone()));
     let ended = main_loop(&mut sandbox, &shared, cmd_rx, tty.as_ref()).await;
-    accept.abort();
-
-    let status = match &ended {
-        Ended::Exited(s) => {
-            // The init has exited; its namespace is gone, so the pipes close soon.
-            let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-                let _ = out.await;
-                let _ = err.await;
-            })
-            .await;
-            if drained.is_err() {
-                tracing::warn!("container output did not end {DRAIN_TIMEOUT:?} after its exit; dropping the rest");
-            }
-            Some(s.status)
-        }
-        _ => {
-            out.abort();
-            err.abort();
-            None
-        }
-    };
-    if let Some((fd, saved)) = &restore {
-        console::restore(fd.as_fd(), saved);
-    }
+    // Stopped is recorded before the API socket closes: a verb that finds
+    // the socket gone then also finds the container stopped.
     {
         let mut s = shared.state.lock().expect("state lock");
         s.status = Status::Stopped;
-        s.exit_status = status.or(Some(255));
+        s.exit_status = Some(match &ended {
+            Ended::Exited(st) => st.status,
+            _ => 255,
+        });
         if !matches!(ended, Ended::Deleted(_)) {
             let _ = s.save(&dir_path);
         }
+    }
+    accept.abort();
+
+    if let Ended::Exited(_) = &ended {
+        // The init has exited; its namespace is gone, so the pipes close soon.
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            let _ = out.await;
+            let _ = err.await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                "container output did not end {DRAIN_TIMEOUT:?} after its exit; dropping the rest"
+            );
+        }
+    } else {
+        out.abort();
+        err.abort();
+    }
+    if let Some((fd, saved)) = &restore {
+        console::restore(fd.as_fd(), saved);
     }
     let td = Instant::now();
     let poststop = shared.hooks.poststop().clone().unwrap_or_default();

@@ -1,6 +1,7 @@
 use std::time::{Duration, Instant};
 
 use husk_runtime::monitor::api::Request;
+use husk_runtime::monitor::client::ClientError;
 use husk_runtime::sandbox_dir::remove_leftovers;
 use husk_runtime::state::{ContainerState, StateError, Status};
 
@@ -33,7 +34,17 @@ pub fn delete(g: &GlobalOpts, a: DeleteArgs) -> anyhow::Result<u8> {
         );
     }
     if t.state.monitor_alive() {
-        t.ask(&Request::Delete { force: true })?;
+        // A recorded `stopped` means the container has exited and its
+        // monitor is tearing the sandbox down (it no longer answers): let
+        // it finish. Otherwise the monitor stops the container and tears
+        // down; a monitor that went away meanwhile leaves the same state.
+        if t.state.status != Status::Stopped {
+            match t.call(&Request::Delete { force: true }) {
+                Ok(_) => {}
+                Err(ClientError::Unreachable { .. }) if t.stopped_since() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         wait_gone(&t.state);
     }
     kill_stray_vm(&t.state, &dir);
@@ -43,10 +54,14 @@ pub fn delete(g: &GlobalOpts, a: DeleteArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+/// How long a monitor may take to tear its sandbox down and exit (QEMU
+/// gets a 3 s grace period to quit).
+const MONITOR_EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Waits (briefly) for the monitor to exit after it tore the sandbox down.
 fn wait_gone(s: &ContainerState) {
     let start = Instant::now();
-    while s.monitor_alive() && start.elapsed() < Duration::from_secs(10) {
+    while s.monitor_alive() && start.elapsed() < MONITOR_EXIT_TIMEOUT {
         std::thread::sleep(Duration::from_millis(5));
     }
 }

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use husk_runtime::config::Config;
 use husk_runtime::monitor::api::Request;
-use husk_runtime::monitor::client::MonitorClient;
+use husk_runtime::monitor::client::{ClientError, MonitorClient};
 use husk_runtime::sandbox_dir::validate_id;
 use husk_runtime::state::{ContainerLock, ContainerState, Status};
 
@@ -96,7 +96,26 @@ impl Target {
 
     /// Sends one request to the container's monitor.
     pub fn ask(&self, req: &Request) -> anyhow::Result<serde_json::Value> {
-        Ok(MonitorClient::connect(&self.dir, &self.state.id)?.call(req, &[])?)
+        match self.call(req) {
+            // The container exited after this verb read its state: say so.
+            Err(ClientError::Unreachable { .. }) if self.stopped_since() => {
+                anyhow::bail!("container {} is stopped", self.state.id)
+            }
+            r => Ok(r?),
+        }
+    }
+
+    /// Sends one request to the container's monitor.
+    pub fn call(&self, req: &Request) -> Result<serde_json::Value, ClientError> {
+        MonitorClient::connect(&self.dir, &self.state.id)?.call(req, &[])
+    }
+
+    /// Whether the monitor has exited, or recorded the container as stopped
+    /// (it closes its socket after that), since the state was read.
+    pub fn stopped_since(&self) -> bool {
+        !self.state.monitor_alive()
+            || ContainerState::load(&self.dir, &self.state.id)
+                .is_ok_and(|s| s.status == Status::Stopped)
     }
 
     /// Fails unless the container is in one of `ok`.
