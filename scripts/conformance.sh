@@ -75,8 +75,12 @@ download=$base/download
 
 fetch_source() {
   local apt=$base/apt
+  # The mirror of the system's own release (e.g. bookworm, not -security).
+  local codename mirror
+  codename=$(sed -n 's/^VERSION_CODENAME=//p' /etc/os-release)
   # shellcheck disable=SC2016 # apt's own $(FIELD) syntax
-  local mirror=${HUSK_DEBIAN_MIRROR:-$(apt-get indextargets --format '$(REPO_URI) $(LABEL)' | awk '$2 == "Debian" { print $1; exit }')}
+  mirror=${HUSK_DEBIAN_MIRROR:-$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' |
+    awk -v c="$codename" '$2 == c { print $1; exit }')}
   [ -n "$mirror" ] || die "no Debian mirror in the system's apt sources: set HUSK_DEBIAN_MIRROR"
   mkdir -p "$apt"/etc/sources.list.d "$apt"/etc/preferences.d "$apt"/lists/partial \
     "$apt"/cache/archives/partial "$download"
@@ -154,7 +158,22 @@ fi
 
 results=$base/results
 run=$(mktemp -d /tmp/husk-conformance.XXXXXX)
-trap 'rm -rf "$run"' EXIT
+declare -A runtime_cmd
+# On any exit (also an interrupted run) remove what the runtimes still
+# hold, then the run directory.
+# shellcheck disable=SC2317 # called by the EXIT trap
+finish() {
+  local r dir
+  for r in "${!runtime_cmd[@]}"; do
+    for dir in "$run/root-$r"/*; do
+      [ -e "$dir" ] && "${runtime_cmd[$r]}" delete --force "${dir##*/}" >/dev/null 2>&1
+    done
+  done
+  rm -rf "$run"
+}
+trap finish EXIT
+trap "exit 130" INT
+trap "exit 143" TERM
 
 # A RUNTIME for the suite: COMMAND... plus the verb's arguments. A failing
 # `delete` is recorded in $CONFORMANCE_CALLS (the suite's cleanup only
@@ -178,7 +197,6 @@ EOF
   echo "$w"
 }
 
-declare -A runtime_cmd
 for r in $RUNTIMES; do
   case $r in
     runc)
