@@ -68,10 +68,12 @@ fn blob(dir: &Path, data: &[u8]) -> (String, usize) {
 }
 
 /// An OCI image archive of a busybox-static rootfs (one uncompressed layer),
-/// built once per test process: `ctr images import` takes it as [`IMAGE`].
+/// built once per test process into `target/e2e/` (replaced atomically, so
+/// concurrent test processes may share it): `ctr images import` takes it as
+/// [`IMAGE`].
 pub fn busybox_image() -> PathBuf {
-    static IMG: OnceLock<TempDir> = OnceLock::new();
-    let dir = IMG.get_or_init(|| {
+    static IMG: OnceLock<PathBuf> = OnceLock::new();
+    IMG.get_or_init(|| {
         let d = TempDir::new("image");
         let rootfs = d.path().join("rootfs");
         for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "root", "run"] {
@@ -137,9 +139,15 @@ pub fn busybox_image() -> PathBuf {
             .arg("-cf")
             .arg(d.path().join("image.tar"))
             .args(["oci-layout", "index.json", "blobs"]));
-        d
-    });
-    dir.path().join("image.tar")
+        let out = repo_root().join("target/e2e");
+        std::fs::create_dir_all(&out).unwrap();
+        let tmp = out.join(format!(".husk-busybox.tar.{}", std::process::id()));
+        std::fs::copy(d.path().join("image.tar"), &tmp).unwrap();
+        let tar = out.join("husk-busybox.tar");
+        std::fs::rename(&tmp, &tar).unwrap();
+        tar
+    })
+    .clone()
 }
 
 /// A private containerd with the husk shim on its `PATH`.
@@ -179,7 +187,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 [grpc]
   address = "{d}/c.sock"
 [debug]
-  level = "debug"
+  level = "info"
 [plugins."io.containerd.internal.v1.opt"]
   path = "{d}/opt"
 "#,
@@ -441,6 +449,8 @@ impl Drop for Containerd {
     fn drop(&mut self) {
         // A failed test may leave tasks: kill their shims (QEMU and
         // virtiofsd die with them) so nothing outlives the test.
+        // containerd then runs `shim delete` for each, which removes the
+        // rest (pod state, shim sockets).
         if std::thread::panicking() {
             for p in self.shims() {
                 let _ = nix::sys::signal::kill(
@@ -448,6 +458,13 @@ impl Drop for Containerd {
                     nix::sys::signal::Signal::SIGKILL,
                 );
             }
+            wait_until(Duration::from_secs(20), || {
+                self.ctr()
+                    .args(["task", "ls", "-q"])
+                    .output()
+                    .map(|o| o.stdout.is_empty())
+                    .unwrap_or(true)
+            });
             eprintln!("containerd log:\n{}", self.log_tail());
         }
         self.stop();

@@ -11,6 +11,12 @@ use std::sync::{Arc, Mutex};
 use husk_e2e::containerd::{pb_bytes, pb_uint, run_on_pty, shim_call, Containerd, IMAGE, RUNTIME};
 use husk_e2e::*;
 
+/// Checks it runs on a terminal, and prints the terminal's size once `ctr`
+/// has sent it (it resizes right after the start, so a fast process may
+/// see 0x0 first).
+const TTY_SCRIPT: &str = "[ -t 0 ] && [ -t 1 ] && echo on-a-tty; for i in $(seq 100); do \
+    s=$(stty size 2>/dev/null); case \"$s\" in [1-9]*) break;; esac; sleep 0.1; done; echo size=$s";
+
 fn out(o: &std::process::Output) -> String {
     stdout(o)
 }
@@ -118,20 +124,12 @@ fn ctrd_stdin_stdout_tty() {
     assert!(o.stdout == expected.as_bytes(), "output differs from seq");
 
     // A terminal: the process sees a tty, its output comes back.
-    let cmd = c.run_cmd(&[
-        "--rm",
-        "-t",
-        IMAGE,
-        "tty",
-        "sh",
-        "-c",
-        "[ -t 0 ] && [ -t 1 ] && echo on-a-tty; stty size",
-    ]);
+    let cmd = c.run_cmd(&["--rm", "-t", IMAGE, "tty", "sh", "-c", TTY_SCRIPT]);
     let (text, code) = run_on_pty(cmd, Duration::from_secs(120));
     assert_eq!(code, Some(0), "output: {text}");
     assert!(text.contains("on-a-tty"), "output: {text}");
     assert!(
-        text.contains("24 80"),
+        text.contains("size=24 80"),
         "the terminal's size reaches the guest: {text}"
     );
     c.assert_no_leaks();
@@ -180,15 +178,11 @@ fn ctrd_task_start_exec_ps_metrics_pause_kill_delete() {
     assert_eq!(out(&o), "exec-out\n");
     let mut cmd = c.ctr();
     cmd.args(["task", "exec", "-t", "--exec-id", "e2", "t1"])
-        .args([
-            "sh",
-            "-c",
-            "[ -t 0 ] && [ -t 1 ] && echo on-a-tty; stty size",
-        ]);
+        .args(["sh", "-c", TTY_SCRIPT]);
     let (text, code) = run_on_pty(cmd, Duration::from_secs(60));
     assert_eq!(code, Some(0), "output: {text}");
     assert!(
-        text.contains("on-a-tty") && text.contains("24 80"),
+        text.contains("on-a-tty") && text.contains("size=24 80"),
         "output: {text}"
     );
 

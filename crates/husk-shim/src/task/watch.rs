@@ -23,21 +23,21 @@ pub(super) fn watch_exit(inner: Arc<Inner>, pod: Arc<Pod>, cid: String, exec_id:
     });
 }
 
-/// Passes the guest's OOM kills on to containerd, until the VM goes.
+/// Passes the guest's OOM kills on to containerd, until the VM goes. The
+/// agent notices an OOM kill independently of the process's exit, so the
+/// event may come after the container was already deleted (`ctr run --rm`):
+/// it is passed on all the same; only this pod's containers live in the guest.
 pub(super) fn watch_oom(inner: Arc<Inner>, pod: Arc<Pod>) {
     tokio::spawn(async move {
         while let Ok(cid) = pod.agent().next_oom_event().await {
-            let known = inner.lock().containers.contains_key(&cid);
-            tracing::info!(container = %cid, known, "OOM kill in the guest");
-            if known {
-                let ev = events::TaskOOM {
-                    container_id: cid,
-                    ..Default::default()
-                };
-                inner
-                    .publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev))
-                    .await;
-            }
+            tracing::info!(container = %cid, "OOM kill in the guest");
+            let ev = events::TaskOOM {
+                container_id: cid,
+                ..Default::default()
+            };
+            inner
+                .publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev))
+                .await;
         }
     });
 }
