@@ -1,7 +1,7 @@
 //! What the shim knows about its containers and their processes (the init
 //! and the execs), in containerd's terms.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::SystemTime;
 
@@ -27,6 +27,10 @@ pub enum ProcState {
 }
 
 pub struct Process {
+    /// The agent's name for it: `""` for the init; an exec's id, made unique
+    /// in the guest when containerd reuses an id (the guest keeps exited
+    /// execs until the container is removed).
+    pub guest_id: String,
     pub stdio: StdioPaths,
     pub state: ProcState,
     pub exit: watch::Sender<Option<Exit>>,
@@ -36,8 +40,9 @@ pub struct Process {
 }
 
 impl Process {
-    pub fn new(stdio: StdioPaths) -> Process {
+    pub fn new(guest_id: String, stdio: StdioPaths) -> Process {
         Process {
+            guest_id,
             stdio,
             state: ProcState::Created,
             exit: watch::channel(None).0,
@@ -84,6 +89,8 @@ pub struct Container {
     pub annotations: HashMap<String, String>,
     pub init: Process,
     pub execs: HashMap<String, Process>,
+    /// Every exec id the guest has seen for this container.
+    pub guest_exec_ids: HashSet<String>,
     pub paused: Option<Paused>,
 }
 
@@ -102,6 +109,18 @@ impl Container {
         } else {
             self.execs.get_mut(exec_id)
         }
+    }
+
+    /// A guest name for a new exec that containerd calls `exec_id`.
+    pub fn new_guest_exec_id(&mut self, exec_id: &str) -> String {
+        let mut id = exec_id.to_string();
+        let mut n = 1;
+        while self.guest_exec_ids.contains(&id) {
+            id = format!("{exec_id}+{n}");
+            n += 1;
+        }
+        self.guest_exec_ids.insert(id.clone());
+        id
     }
 
     /// containerd's view of a process's status.

@@ -34,6 +34,8 @@ pub struct Service {
     id: String,
     namespace: String,
     address: String,
+    /// The server's own socket (`-socket`), empty for `start` and `delete`.
+    socket: String,
     debug: bool,
 }
 
@@ -60,6 +62,7 @@ impl Shim for Service {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
             address: args.address.clone(),
+            socket: args.socket.clone(),
             debug: args.debug,
         }
     }
@@ -105,8 +108,15 @@ impl Shim for Service {
         })
     }
 
+    /// Returns once the last container is gone. The socket's path goes
+    /// first: the crate removes it later through the bundle's `address`
+    /// file, which containerd may have deleted with the bundle by then.
     async fn wait(&mut self) {
         self.exit.wait().await;
+        let path = self.socket.strip_prefix("unix://").unwrap_or(&self.socket);
+        if !path.is_empty() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {

@@ -154,7 +154,7 @@ pub fn busybox_image() -> PathBuf {
 pub struct Containerd {
     pub dir: TempDir,
     child: Option<Child>,
-    /// Shim sockets seen while tests ran, checked to be gone at the end.
+    /// Shim sockets of the tasks the test ran, checked to be gone at the end.
     sockets: std::cell::RefCell<Vec<PathBuf>>,
 }
 
@@ -302,6 +302,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
     /// `ctr run --runtime io.containerd.husk.v2 --fifo-dir ... ARGS` (ARGS
     /// carry the options, the image and the id).
     pub fn run_cmd(&self, args: &[&str]) -> Command {
+        if let Some(i) = args.iter().position(|a| *a == IMAGE) {
+            if let Some(id) = args.get(i + 1) {
+                self.note_socket(id);
+            }
+        }
         let mut c = self.ctr();
         c.args(["run", "--runtime", RUNTIME, "--fifo-dir"])
             .arg(self.dir.path().join("fifo"))
@@ -371,12 +376,34 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             .join(id)
     }
 
-    /// Remembers the shim socket of task `id`, to check it is gone later.
+    /// Remembers the shim socket of task `id`, to check it is gone later:
+    /// the one in its bundle's `address`, and the one the shim derives.
     pub fn note_socket(&self, id: &str) {
         if let Ok(a) = std::fs::read_to_string(self.bundle(id).join("address")) {
             let p = PathBuf::from(a.trim().trim_start_matches("unix://"));
             self.sockets.borrow_mut().push(p);
         }
+        let p = self.expected_socket(id);
+        self.sockets.borrow_mut().push(p);
+    }
+
+    /// Where the shim of a pod named `id` listens:
+    /// `/run/containerd/s/<sha256 of "<containerd address>/<namespace>/<id>">`.
+    pub fn expected_socket(&self, id: &str) -> PathBuf {
+        let key = format!("{}/{NAMESPACE}/{id}", self.socket().display());
+        let mut h = Command::new("sha256sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("sha256sum");
+        h.stdin.take().unwrap().write_all(key.as_bytes()).unwrap();
+        let out = h.wait_with_output().unwrap();
+        let hash = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        Path::new("/run/containerd/s").join(hash)
     }
 
     /// The shim's ttrpc socket for task `id`.

@@ -176,6 +176,10 @@ fn ctrd_task_start_exec_ps_metrics_pause_kill_delete() {
     ]);
     assert_exit(&o, 5);
     assert_eq!(out(&o), "exec-out\n");
+    // containerd may reuse an exec id once the exec is deleted.
+    let o = c.ctr_out(&["task", "exec", "--exec-id", "e1", "t1", "echo", "again"]);
+    assert_exit(&o, 0);
+    assert_eq!(out(&o), "again\n");
     let mut cmd = c.ctr();
     cmd.args(["task", "exec", "-t", "--exec-id", "e2", "t1"])
         .args(["sh", "-c", TTY_SCRIPT]);
@@ -380,6 +384,7 @@ fn ctrd_pod_shares_one_vm() {
 fn ctrd_restart_keeps_tasks_and_dead_shims_are_cleaned() {
     let mut c = Containerd::start("restart");
     c.run_detached(&[], "r1", &["sleep", "1000"]);
+    assert_eq!(c.shim_socket("r1"), c.expected_socket("r1"));
     c.restart();
     assert_eq!(c.task_status("r1").as_deref(), Some("RUNNING"));
     // Events reach the new containerd.

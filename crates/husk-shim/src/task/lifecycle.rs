@@ -87,8 +87,9 @@ impl TaskService {
             rootfs,
             hooks: bundle.spec.hooks().clone().unwrap_or_default(),
             annotations: bundle.spec.annotations().clone().unwrap_or_default(),
-            init: Process::new(paths.clone()),
+            init: Process::new(String::new(), paths.clone()),
             execs: HashMap::new(),
+            guest_exec_ids: Default::default(),
             paused: None,
         };
         if c.hooks.create_container().is_some() || c.hooks.start_container().is_some() {
@@ -111,7 +112,7 @@ impl TaskService {
             }
         }
         inner.lock().containers.insert(cid.to_string(), c);
-        watch_exit(inner.clone(), pod, cid.to_string(), String::new());
+        watch_exit(inner.clone(), pod, cid, "", "");
         Ok(pid)
     }
 
@@ -160,11 +161,11 @@ impl TaskService {
     pub(super) async fn start_exec(&self, cid: &str, exec_id: &str) -> Result<u32> {
         let inner = &self.inner;
         let pod = inner.pod()?;
-        let (spec, paths) = {
+        let (spec, paths, guest_id) = {
             let mut t = inner.lock();
             let p = process_mut(container_mut(&mut t, cid)?, cid, exec_id)?;
             match (p.state, p.spec.take()) {
-                (ProcState::Created, Some(spec)) => (spec, p.stdio.clone()),
+                (ProcState::Created, Some(spec)) => (spec, p.stdio.clone(), p.guest_id.clone()),
                 _ => {
                     return Err(error::failed_precondition(format!(
                         "exec {exec_id} of container {cid} was already started"
@@ -173,7 +174,7 @@ impl TaskService {
             }
         };
         let agent = pod.agent();
-        if let Err(e) = agent.exec_process(cid, exec_id, spec.clone()).await {
+        if let Err(e) = agent.exec_process(cid, &guest_id, spec.clone()).await {
             if let Some(p) = container_mut(&mut inner.lock(), cid)
                 .ok()
                 .and_then(|c| c.execs.get_mut(exec_id))
@@ -182,11 +183,11 @@ impl TaskService {
             }
             return Err(error::agent(&e));
         }
-        let io = match ProcessIo::start(agent, cid, exec_id, &paths).await {
+        let io = match ProcessIo::start(agent, cid, &guest_id, &paths).await {
             Ok(io) => io,
             Err(e) => {
                 let _ = agent
-                    .signal_process(cid, exec_id, libc::SIGKILL, false)
+                    .signal_process(cid, &guest_id, libc::SIGKILL, false)
                     .await;
                 return Err(error::invalid(error_chain(&e)));
             }
@@ -197,7 +198,7 @@ impl TaskService {
             p.state = ProcState::Running;
             p.io = Some(io);
         }
-        watch_exit(inner.clone(), pod.clone(), cid.into(), exec_id.into());
+        watch_exit(inner.clone(), pod.clone(), cid, exec_id, &guest_id);
         let pid = pod.vm_pid();
         let ev = events::TaskExecStarted {
             container_id: cid.into(),

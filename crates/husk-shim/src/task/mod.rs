@@ -353,13 +353,14 @@ impl Task for TaskService {
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
         tracing::info!(container = %req.id, exec = %req.exec_id, signal = req.signal, all = req.all, "kill");
         let pod = self.inner.pod()?;
-        let paused = {
+        let (paused, guest_id) = {
             let t = self.inner.lock();
             let c = container(&t, &req.id)?;
-            if process(c, &req.id, &req.exec_id)?.state == ProcState::Stopped {
+            let p = process(c, &req.id, &req.exec_id)?;
+            if p.state == ProcState::Stopped {
                 return Err(error::not_found("process already finished"));
             }
-            c.paused
+            (c.paused, p.guest_id.clone())
         };
         // A stopped VM cannot deliver signals: let it run again first.
         if paused == Some(Paused::Vm) {
@@ -368,7 +369,7 @@ impl Task for TaskService {
         let signal = i32::try_from(req.signal)
             .map_err(|_| error::invalid(format!("invalid signal {}", req.signal)))?;
         pod.agent()
-            .signal_process(&req.id, &req.exec_id, signal, req.all)
+            .signal_process(&req.id, &guest_id, signal, req.all)
             .await
             .map_err(|e| error::agent(&e))?;
         Ok(Empty::default())
@@ -400,7 +401,11 @@ impl Task for TaskService {
                     format!("exec {} already exists", req.exec_id),
                 ));
             }
-            let mut p = Process::new(stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal));
+            let guest_id = c.new_guest_exec_id(&req.exec_id);
+            let mut p = Process::new(
+                guest_id,
+                stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal),
+            );
             p.spec = Some(serde_json::to_vec(&process).expect("JSON value serializes"));
             c.execs.insert(req.exec_id.clone(), p);
         }
@@ -417,12 +422,14 @@ impl Task for TaskService {
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
         let pod = self.inner.pod()?;
-        {
+        let guest_id = {
             let t = self.inner.lock();
-            process(container(&t, &req.id)?, &req.id, &req.exec_id)?;
-        }
+            process(container(&t, &req.id)?, &req.id, &req.exec_id)?
+                .guest_id
+                .clone()
+        };
         pod.agent()
-            .resize_pty(&req.id, &req.exec_id, req.height, req.width)
+            .resize_pty(&req.id, &guest_id, req.height, req.width)
             .await
             .map_err(|e| error::agent(&e))?;
         Ok(Empty::default())

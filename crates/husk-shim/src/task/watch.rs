@@ -8,11 +8,18 @@ use husk_runtime::pod::Pod;
 use super::Inner;
 use crate::events::{self, topics};
 
-/// Waits in the guest for the end of `(cid, exec_id)`. A lost agent (the VM
-/// died) ends every process with status 255.
-pub(super) fn watch_exit(inner: Arc<Inner>, pod: Arc<Pod>, cid: String, exec_id: String) {
+/// Waits in the guest for the end of `(cid, exec_id)` (`guest_id` to the
+/// agent). A lost agent (the VM died) ends every process with status 255.
+pub(super) fn watch_exit(
+    inner: Arc<Inner>,
+    pod: Arc<Pod>,
+    cid: &str,
+    exec_id: &str,
+    guest_id: &str,
+) {
+    let (cid, exec_id, guest_id) = (cid.to_string(), exec_id.to_string(), guest_id.to_string());
     tokio::spawn(async move {
-        let status = match pod.agent().wait_process(&cid, &exec_id).await {
+        let status = match pod.agent().wait_process(&cid, &guest_id).await {
             Ok(s) => u32::try_from(s.status).unwrap_or(255),
             Err(e) => {
                 tracing::warn!(container = %cid, exec = %exec_id, "lost the process: {}", error_chain(&e));
