@@ -615,3 +615,44 @@ fn vm_verbs_on_one_container_are_serialized_others_run_in_parallel() {
     }
     env.assert_no_leaks();
 }
+
+/// A poststop hook that appends the state it gets on stdin to `out`.
+fn poststop_hook(out: &Path) -> Value {
+    serde_json::json!({
+        "path": "/bin/sh",
+        "args": ["sh", "-c", format!("cat >> {}; echo >> {}", out.display(), out.display())],
+    })
+}
+
+#[test]
+fn vm_poststop_hooks_run_at_delete() {
+    let env = Env::new("poststop");
+    let out = env.dir.path().join("poststop.calls");
+    let calls = || std::fs::read_to_string(&out).unwrap_or_default();
+
+    // A container that exits by itself: the hook waits for `delete`.
+    let mut b = Bundle::busybox(&["true"]);
+    b.spec["hooks"] = serde_json::json!({ "poststop": [poststop_hook(&out)] });
+    b.save();
+    assert_exit(&create(&env, &b, "done", None), 0);
+    assert_exit(&husk(&env, &["start", "done"]), 0);
+    wait_status(&env, "done", "stopped");
+    assert_eq!(calls(), "", "poststop ran before delete");
+    assert_exit(&husk(&env, &["delete", "done"]), 0);
+    let state: Value = serde_json::from_str(calls().trim()).expect("the hook got the state");
+    assert_eq!(state["id"], "done");
+    assert_eq!(state["status"], "stopped");
+
+    // A running container deleted with --force: the hook has run when
+    // delete returns.
+    std::fs::remove_file(&out).unwrap();
+    let mut b = term_42();
+    b.spec["hooks"] = serde_json::json!({ "poststop": [poststop_hook(&out)] });
+    b.save();
+    run_detached(&env, &b, "forced");
+    assert_eq!(calls(), "");
+    assert_exit(&husk(&env, &["delete", "--force", "forced"]), 0);
+    let state: Value = serde_json::from_str(calls().trim()).expect("the hook got the state");
+    assert_eq!(state["id"], "forced");
+    env.assert_no_leaks();
+}

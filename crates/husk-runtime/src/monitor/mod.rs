@@ -342,7 +342,10 @@ async fn serve_inner(
     let poststop = shared.hooks.poststop().clone().unwrap_or_default();
     let stopped_state = shared.oci_state();
     let result = finish(ended, sandbox, opts.autostart, td).await;
-    if !poststop.is_empty() {
+    // poststop hooks run once the container is deleted, before the delete
+    // returns: here for a foreground `husk run` (deleted as it ends), by
+    // `husk delete` for a created container.
+    if opts.autostart && !poststop.is_empty() {
         hooks::run_logged("poststop", &poststop, &stopped_state).await;
     }
     // Let the handlers write their last replies (a delete's, an exec's

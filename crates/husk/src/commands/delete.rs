@@ -1,5 +1,7 @@
 use std::time::{Duration, Instant};
 
+use husk_runtime::bundle::Bundle;
+use husk_runtime::hooks;
 use husk_runtime::monitor::api::Request;
 use husk_runtime::monitor::client::ClientError;
 use husk_runtime::sandbox_dir::remove_leftovers;
@@ -51,7 +53,38 @@ pub fn delete(g: &GlobalOpts, a: DeleteArgs) -> anyhow::Result<u8> {
     if dir.exists() {
         remove_leftovers(&dir);
     }
+    run_poststop(&t.state);
     Ok(0)
+}
+
+/// Runs the bundle's poststop hooks, as the runtime spec says: after the
+/// container is deleted, before `delete` returns. Failures are logged.
+fn run_poststop(s: &ContainerState) {
+    let hooks = match Bundle::load(&s.bundle) {
+        Ok(b) => b
+            .spec
+            .hooks()
+            .as_ref()
+            .and_then(|h| h.poststop().clone())
+            .unwrap_or_default(),
+        Err(e) => {
+            tracing::debug!("no poststop hooks run: {e}");
+            return;
+        }
+    };
+    if hooks.is_empty() {
+        return;
+    }
+    let mut stopped = s.clone();
+    stopped.status = Status::Stopped;
+    let state = stopped.oci_state();
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(hooks::run_logged("poststop", &hooks, &state)),
+        Err(e) => tracing::warn!("cannot run the poststop hooks: {e}"),
+    }
 }
 
 /// How long a monitor may take to tear its sandbox down and exit (QEMU
