@@ -156,3 +156,60 @@ impl Container {
         v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn container() -> Container {
+        Container {
+            bundle: "/b".into(),
+            owner: true,
+            rootfs: None,
+            hooks: Default::default(),
+            annotations: HashMap::new(),
+            init: Process::new(String::new(), StdioPaths::default()),
+            execs: HashMap::new(),
+            guest_exec_ids: HashSet::new(),
+            paused: None,
+        }
+    }
+
+    #[test]
+    fn statuses_follow_containerd() {
+        let mut c = container();
+        assert_eq!(c.status(""), Status::CREATED);
+        c.init.state = ProcState::Running;
+        assert_eq!(c.status(""), Status::RUNNING);
+        c.paused = Some(Paused::Vm);
+        assert_eq!(c.status(""), Status::PAUSED);
+        assert_eq!(c.status("nope"), Status::UNKNOWN);
+        c.paused = None;
+        let exit = c.init.set_exited(137).unwrap();
+        assert_eq!(c.status(""), Status::STOPPED);
+        assert_eq!(c.init.exited(), Some(exit));
+        // The first end recorded stays.
+        assert!(c.init.set_exited(0).is_none());
+        assert_eq!(c.init.exited().unwrap().status, 137);
+    }
+
+    #[test]
+    fn a_reused_exec_id_gets_a_fresh_guest_id() {
+        let mut c = container();
+        assert_eq!(c.new_guest_exec_id("e"), "e");
+        assert_eq!(c.new_guest_exec_id("e"), "e+1");
+        assert_eq!(c.new_guest_exec_id("e"), "e+2");
+        assert_eq!(c.new_guest_exec_id("f"), "f");
+    }
+
+    #[test]
+    fn hooks_get_the_oci_state() {
+        let mut c = container();
+        c.annotations.insert("a".into(), "b".into());
+        let s = c.oci_state("c1", 42);
+        assert_eq!(s["id"], "c1");
+        assert_eq!(s["status"], "created");
+        assert_eq!(s["pid"], 42);
+        assert_eq!(s["annotations"]["a"], "b");
+    }
+}

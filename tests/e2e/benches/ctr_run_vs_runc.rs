@@ -52,6 +52,25 @@ fn run(c: &Containerd, runtime: &str, opts: &[&str], id: &str) -> f64 {
     ms
 }
 
+/// The numeric fields of the shim's `husk_timing` log lines (they reach
+/// containerd's log through the shim's log FIFO), by name.
+fn phases(log: &std::path::Path) -> std::collections::BTreeMap<String, Vec<f64>> {
+    let mut out: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    for line in text.lines().filter(|l| l.contains("husk_timing:")) {
+        for word in line.split_whitespace() {
+            if let Some((k, v)) = word.split_once('=') {
+                if let Ok(ms) = v.parse::<f64>() {
+                    if k.ends_with("_ms") {
+                        out.entry(k.to_string()).or_default().push(ms);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 fn row(label: &str, s: &Stats) {
     println!("{label:<40} {:>10.1} {:>10.1}", s.median, s.p90);
 }
@@ -116,6 +135,7 @@ fn main() {
     c.ctr_out(&["container", "rm", pod]);
     c.assert_no_leaks();
 
+    let breakdown = phases(&c.dir.path().join("containerd.log"));
     let h = stats(husk);
     let r = stats(runc);
     let m = stats(members);
@@ -144,4 +164,18 @@ fn main() {
         m.median / h.median,
         m.p90 / h.p90
     );
+    println!();
+    println!("husk phases, all runs (median ms):");
+    for (name, label) in [
+        ("vm_start_ms", "QEMU start (to sockets ready)"),
+        ("agent_ready_ms", "kernel boot to agent ready"),
+        ("pod_boot_ms", "pod boot (total)"),
+        ("create_ms", "container create in the guest"),
+        ("teardown_ms", "pod teardown"),
+    ] {
+        match breakdown.get(name) {
+            Some(v) => println!("  {label:<36} {:>8.1}", stats(v.clone()).median),
+            None => println!("  {label:<36} {:>8}", "n/a"),
+        }
+    }
 }
