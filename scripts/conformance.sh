@@ -169,7 +169,11 @@ finish() {
       [ -e "$dir" ] && "${runtime_cmd[$r]}" delete --force "${dir##*/}" >/dev/null 2>&1
     done
   done
-  rm -rf "$run"
+  if unmount_under "$run"; then
+    rm -rf "$run"
+  else
+    log "not removing $run: still mounted: $(mounts_under "$run" | tr '\n' ' ')"
+  fi
 }
 trap finish EXIT
 trap "exit 130" INT
@@ -242,21 +246,52 @@ classify() { # TAPFILE RC
     }' "$tap"
 }
 
-# What a husk test left behind: processes naming its root, state entries.
-leftovers() {
-  local root=$run/root-husk left=""
-  pgrep -f -- "$root" >/dev/null && left="processes: $(pgrep -af -- "$root" | cut -c1-120 | tr '\n' ';')"
+# Mount points at or below DIR in this mount namespace.
+mounts_under() {
+  awk -v d="$1" '$5 == d || index($5, d "/") == 1 { print $5 }' /proc/self/mountinfo
+}
+
+# Unmounts everything below DIR, deepest first; fails if something stays.
+unmount_under() {
+  local m
+  for _ in 1 2 3; do
+    for m in $(mounts_under "$1" | awk '{ print length, $0 }' | sort -rn | cut -d' ' -f2-); do
+      umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+    done
+    [ -z "$(mounts_under "$1")" ] && return 0
+  done
+  return 1
+}
+
+# What a test left behind: the runtime's containers (state entries, and
+# for husk processes naming its root) and mounts below the test's TMPDIR,
+# where the suite makes its bundles (runc leaks the mounts of a shared
+# rootfsPropagation into the host's namespace).
+leftovers() { # RUNTIME TMPDIR
+  local root=$run/root-$1 left=""
+  if [ "$1" = husk ] && pgrep -f -- "$root" >/dev/null; then
+    left="processes: $(pgrep -af -- "$root" | cut -c1-120 | tr '\n' ';')"
+  fi
   local entries=("$root"/*)
   [ -e "${entries[0]}" ] && left="$left state: ${entries[*]##*/}"
+  local mounts
+  mounts=$(mounts_under "$2" | tr '\n' ' ')
+  [ -n "$mounts" ] && left="$left mounts: $mounts"
   echo "$left"
 }
 
-cleanup_husk() {
+# Removes a test's containers and bundles. A TMPDIR that keeps a mount is
+# left alone (never remove files through a mount) and named.
+cleanup() { # RUNTIME TMPDIR
   local dir
-  for dir in "$run"/root-husk/*; do
-    [ -e "$dir" ] && "${runtime_cmd[husk]}" delete --force "${dir##*/}" >/dev/null 2>&1
+  for dir in "$run/root-$1"/*; do
+    [ -e "$dir" ] && "${runtime_cmd[$1]}" delete --force "${dir##*/}" >/dev/null 2>&1
   done
-  return 0
+  if unmount_under "$2"; then
+    rm -rf "$2"
+  else
+    log "not removing $2: still mounted: $(mounts_under "$2" | tr '\n' ' ')"
+  fi
 }
 
 declare -A result
@@ -272,22 +307,22 @@ for t in "${tests[@]}"; do
     set +e
     # The suite finds runtimetest and rootfs-amd64.tar.gz in its working dir.
     rm -f "$out.calls"
-    (cd "$src" && RUNTIME=${runtime_cmd[$r]} CONFORMANCE_CALLS=$out.calls \
+    tmp=$run/tmp/$r-$t
+    mkdir -p "$tmp"
+    (cd "$src" && TMPDIR=$tmp RUNTIME=${runtime_cmd[$r]} CONFORMANCE_CALLS=$out.calls \
       timeout -k 10 "$TEST_TIMEOUT" "$exe") >"$out.tap" 2>"$out.err" </dev/null
     rc=$?
     set -e
     echo "$rc" > "$out.rc"
     res=$(classify "$out.tap" "$rc")
     [ "$rc" = 124 ] && echo "timed out after $TEST_TIMEOUT s" >> "$out.err"
-    if [ "$r" = husk ]; then
-      left=$(leftovers)
-      if [ -n "$left" ]; then
-        echo "left behind: $left" >> "$out.err"
-        [ -f "$out.calls" ] && cat "$out.calls" >> "$out.err"
-        res="$res(leak)"
-        cleanup_husk
-      fi
+    left=$(leftovers "$r" "$tmp")
+    if [ -n "$left" ]; then
+      echo "left behind: $left" >> "$out.err"
+      [ -f "$out.calls" ] && cat "$out.calls" >> "$out.err"
+      res="$res(leak)"
     fi
+    cleanup "$r" "$tmp"
     result[$r/$t]=$res
     ms=$((($(date +%s%N) - start) / 1000000))
     line="$line $(printf '%-5s %3d.%ds %-14s' "$r" $((ms / 1000)) $((ms % 1000 / 100)) "$res")"
