@@ -283,12 +283,21 @@ impl Pod {
                 .map(|b| self.share_dir.join(&b.share_path))
                 .collect();
         let t0 = Instant::now();
-        self.ask(|reply| Request::Create {
-            cid: cid.to_string(),
-            bundle: Box::new(bundle.clone()),
-            reply,
-        })
-        .await??;
+        let created = self
+            .ask(|reply| Request::Create {
+                cid: cid.to_string(),
+                bundle: Box::new(bundle.clone()),
+                reply,
+            })
+            .await;
+        if !matches!(created, Ok(Ok(()))) {
+            // Release what was bound before the failure (the rest was
+            // never mounted, and unbind() leaves it alone).
+            for t in targets.iter().rev() {
+                let _ = unbind(t);
+            }
+        }
+        created??;
         tracing::info!(
             target: "husk_timing",
             create_ms = t0.elapsed().as_secs_f64() * 1e3,

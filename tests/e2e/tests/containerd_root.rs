@@ -266,6 +266,15 @@ fn ctrd_task_start_exec_ps_metrics_pause_kill_delete() {
         out(&o)
     );
 
+    // Checkpoint: a clear no.
+    let o = c.ctr_out(&["task", "checkpoint", "t1"]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stderr(&o).contains("checkpoint is not supported by husk"),
+        "{}",
+        stderr(&o)
+    );
+
     // pause and resume.
     assert_exit(&c.ctr_out(&["task", "pause", "t1"]), 0);
     assert_eq!(c.task_status("t1").as_deref(), Some("PAUSED"));
@@ -369,6 +378,24 @@ fn ctrd_pod_shares_one_vm() {
     let qemu = String::from_utf8_lossy(&qemu).replace('\0', " ");
     assert!(qemu.contains(" -m 320M "), "VM size: {qemu}");
     assert_eq!(c.shims().len(), 1, "one shim for the pod");
+
+    // A member that cannot be created leaves the pod as it was.
+    let mut bad = vec!["--rm", "--null-io"];
+    bad.extend_from_slice(&member);
+    bad.extend_from_slice(&[IMAGE, "pod1-bad", "/nonexistent"]);
+    let o = c.output(c.run_cmd(&bad), b"");
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("/nonexistent"), "{}", stderr(&o));
+    assert_eq!(boot_id("pod1-app"), a, "the pod still runs");
+    let shim_mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", c.shims()[0])).unwrap();
+    let held: Vec<&str> = shim_mounts
+        .lines()
+        .filter(|l| l.contains("pod1-bad") && l.contains(" - overlay "))
+        .collect();
+    assert!(
+        held.is_empty(),
+        "the failed member's rootfs is still mounted: {held:?}"
+    );
 
     for id in ["pod1-app", "pod1"] {
         assert_exit(&c.ctr_out(&["task", "kill", "-s", "SIGKILL", id]), 0);
