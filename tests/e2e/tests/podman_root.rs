@@ -23,6 +23,7 @@ type Case = (&'static str, fn(&Podman));
 const CASES: &[Case] = &[
     ("run_prints_the_guest_kernel", run_prints_the_guest_kernel),
     ("run_exit_status", run_exit_status),
+    ("run_missing_program_is_127", run_missing_program_is_127),
     (
         "run_env_workdir_user_hostname",
         run_env_workdir_user_hostname,
@@ -121,6 +122,23 @@ fn run_exit_status(p: &Podman) {
     assert_exit(&o, 7);
     assert_eq!(out(&o), "bye\n");
     p.assert_container_gone(&id.unwrap());
+}
+
+fn run_missing_program_is_127(p: &Podman) {
+    // husk's error reaches podman (through the --log file, in runc's JSON)
+    // and podman maps it to 127, as for runc.
+    let (o, id) = p.run(&["--rm", IMAGE, "/no/such/program"]);
+    assert_exit(&o, 127);
+    let err = stderr(&o);
+    assert!(err.contains("/no/such/program"), "{err}");
+    assert_eq!(
+        err.matches("/no/such/program").count(),
+        1,
+        "said once: {err}"
+    );
+    if let Some(id) = id {
+        p.assert_container_gone(&id);
+    }
 }
 
 fn run_env_workdir_user_hostname(p: &Podman) {
