@@ -246,7 +246,10 @@ mod tests {
             ]
         );
         assert!(tcg_clock_params(Accel::Kvm, Some(2_599_998)).is_empty());
-        assert_eq!(tcg_clock_params(Accel::Tcg, None), vec!["noapictimer".to_string()]);
+        assert_eq!(
+            tcg_clock_params(Accel::Tcg, None),
+            vec!["noapictimer".to_string()]
+        );
     }
 
     #[test]
