@@ -12,7 +12,7 @@ AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/husk-agent
 PREFIX ?= /usr/local
 
-.PHONY: all setup build agent kernel initrd guest install demo test test-unit test-e2e bench lint clean-cache
+.PHONY: all setup build agent kernel initrd guest install demo test test-unit test-e2e bench conformance lint clean-cache
 
 all: build guest
 
@@ -77,6 +77,10 @@ bench: build guest
 	HUSK_BIN=$(CURDIR)/target/release/husk HUSK_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) \
 	  HUSK_SHIM_BIN=$(CURDIR)/target/release/containerd-shim-husk-v2 \
 	  cargo bench -p husk-e2e --benches
+
+## conformance: OCI runtime-tools validation, husk vs runc, same run (docs/conformance.md)
+conformance: build guest
+	HUSK_BIN=$(CURDIR)/target/release/husk HUSK_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) scripts/conformance.sh
 
 clean-cache:
 	rm -rf $(HUSK_CACHE)/kernel
