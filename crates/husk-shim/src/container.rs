@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use containerd_shim::api::Status;
 use tokio::sync::watch;
 
+use crate::events::TaskExit;
 use crate::io::{ProcessIo, StdioPaths};
 
 /// A process's end, as containerd reports it.
@@ -37,6 +38,11 @@ pub struct Process {
     pub io: Option<ProcessIo>,
     /// An exec's OCI process (JSON), until it starts.
     pub spec: Option<Vec<u8>>,
+    /// `Start` is in flight: an exit seen meanwhile waits in
+    /// `deferred_exit` until `TaskStart` was sent, so containerd never
+    /// hears of the end before the start.
+    pub starting: bool,
+    pub deferred_exit: Option<TaskExit>,
 }
 
 impl Process {
@@ -48,6 +54,8 @@ impl Process {
             exit: watch::channel(None).0,
             io: None,
             spec: None,
+            starting: false,
+            deferred_exit: None,
         }
     }
 

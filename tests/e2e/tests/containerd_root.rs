@@ -333,6 +333,13 @@ fn ctrd_oom_is_an_event_and_exit_137() {
         "no OOM and exit events:\n{}",
         std::fs::read_to_string(&events_log).unwrap_or_default()
     );
+    // containerd hears of the start before the end.
+    let text = std::fs::read_to_string(&events_log).unwrap();
+    let pos = |topic: &str| text.lines().position(|l| l.contains(topic));
+    assert!(
+        matches!((pos("/tasks/start"), pos("/tasks/exit")), (Some(a), Some(b)) if a < b),
+        "events out of order:\n{text}"
+    );
     c.assert_no_leaks();
 }
 

@@ -14,7 +14,7 @@ use husk_runtime::monitor::error_chain;
 use husk_runtime::pod::{self, Membership, Pod};
 
 use super::watch::{watch_exit, watch_oom};
-use super::{container, container_mut, process, process_mut, stdio, TaskService};
+use super::{container_mut, process, process_mut, stdio, TaskService};
 use crate::container::{Container, Exit, ProcState, Process};
 use crate::error::{self, Result};
 use crate::events::{self, topics};
@@ -120,30 +120,41 @@ impl TaskService {
         let inner = &self.inner;
         let pod = inner.pod()?;
         {
-            let t = inner.lock();
-            let c = container(&t, cid)?;
-            if c.init.state != ProcState::Created {
+            let mut t = inner.lock();
+            let c = container_mut(&mut t, cid)?;
+            if c.init.state != ProcState::Created || c.init.starting {
                 return Err(error::failed_precondition(format!(
                     "container {cid} was already started"
                 )));
             }
+            c.init.starting = true;
         }
-        pod.agent()
-            .start_container(cid)
-            .await
-            .map_err(|e| error::agent(&e))?;
+        let started = pod.agent().start_container(cid).await;
         let pid = pod.vm_pid();
-        let (poststart, state) = {
+        let (deferred, poststart, state) = {
             let mut t = inner.lock();
             let c = container_mut(&mut t, cid)?;
-            if c.init.state == ProcState::Created {
+            c.init.starting = false;
+            if started.is_ok() && c.init.state == ProcState::Created {
                 c.init.state = ProcState::Running;
             }
             (
+                c.init.deferred_exit.take(),
                 c.hooks.poststart().clone().unwrap_or_default(),
                 c.oci_state(cid, pid),
             )
         };
+        let publish_exit = |ev: Option<events::TaskExit>| async move {
+            if let Some(ev) = ev {
+                inner
+                    .publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev))
+                    .await;
+            }
+        };
+        if let Err(e) = started {
+            publish_exit(deferred).await;
+            return Err(error::agent(&e));
+        }
         if !poststart.is_empty() {
             hooks::run_logged("poststart", &poststart, &state).await;
         }
@@ -155,6 +166,7 @@ impl TaskService {
         inner
             .publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev))
             .await;
+        publish_exit(deferred).await;
         Ok(pid)
     }
 
@@ -198,7 +210,6 @@ impl TaskService {
             p.state = ProcState::Running;
             p.io = Some(io);
         }
-        watch_exit(inner.clone(), pod.clone(), cid, exec_id, &guest_id);
         let pid = pod.vm_pid();
         let ev = events::TaskExecStarted {
             container_id: cid.into(),
@@ -209,6 +220,9 @@ impl TaskService {
         inner
             .publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev))
             .await;
+        // Only now, so its end is never reported before its start (the
+        // agent keeps the status until it is asked).
+        watch_exit(inner.clone(), pod.clone(), cid, exec_id, &guest_id);
         Ok(pid)
     }
 

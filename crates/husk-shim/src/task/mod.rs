@@ -154,16 +154,21 @@ impl Inner {
             let Some(exit) = p.set_exited(status) else {
                 return;
             };
-            events::TaskExit {
+            let event = events::TaskExit {
                 container_id: cid.into(),
                 id: if exec_id.is_empty() { cid } else { exec_id }.into(),
                 pid,
                 exit_status: exit.status,
                 exited_at: Some(events::timestamp(exit.at)).into(),
                 ..Default::default()
+            };
+            tracing::info!(container = cid, exec = exec_id, status, "process exited");
+            if p.starting {
+                p.deferred_exit = Some(event);
+                return;
             }
+            event
         };
-        tracing::info!(container = cid, exec = exec_id, status, "process exited");
         self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event))
             .await;
     }
