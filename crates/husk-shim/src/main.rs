@@ -13,6 +13,7 @@ mod events;
 mod io;
 mod logging;
 mod metrics;
+mod options;
 mod rootfs;
 mod service;
 mod task;

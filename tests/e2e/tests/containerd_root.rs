@@ -461,7 +461,15 @@ fn ctrd_restart_keeps_tasks_and_dead_shims_are_cleaned() {
 
     // A shim that dies: containerd runs `shim delete`, which removes what it
     // left (its VM dies with it).
-    c.run_detached(&[], "r2", &["sleep", "1000"]);
+    // (Its config comes from the runtime options: a smaller VM.)
+    let small = c.dir.path().join("small.toml");
+    let base = std::fs::read_to_string(c.dir.path().join("husk.toml")).unwrap();
+    std::fs::write(&small, format!("{base}memory_mib = 200\n")).unwrap();
+    let small = small.to_string_lossy().to_string();
+    c.run_detached(&["--runtime-config-path", &small], "r2", &["sleep", "1000"]);
+    let qemu = std::fs::read(format!("/proc/{}/cmdline", c.qemus()[0])).unwrap();
+    let qemu = String::from_utf8_lossy(&qemu).replace('\0', " ");
+    assert!(qemu.contains(" -m 200M "), "VM size: {qemu}");
     let shims = c.shims();
     assert_eq!(shims.len(), 1);
     nix::sys::signal::kill(

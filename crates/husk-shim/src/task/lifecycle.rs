@@ -19,7 +19,7 @@ use crate::container::{Container, Exit, ProcState, Process};
 use crate::error::{self, Result};
 use crate::events::{self, topics};
 use crate::io::{ProcessIo, DRAIN_TIMEOUT};
-use crate::rootfs;
+use crate::{options, rootfs};
 
 impl TaskService {
     /// Creates container `cid` from its bundle (rootfs already mounted):
@@ -31,7 +31,10 @@ impl TaskService {
     ) -> Result<u32> {
         let inner = &self.inner;
         let cid = req.id.as_str();
-        let cfg = inner.cfg.clone().map_err(error::failed_precondition)?;
+        // The runtime options may name the pod's config; else the shim's.
+        let cfg = options::config(req.options.as_ref())
+            .unwrap_or_else(|| inner.cfg.clone())
+            .map_err(error::failed_precondition)?;
         let bundle =
             Bundle::load(Path::new(&req.bundle)).map_err(|e| error::invalid(error_chain(&e)))?;
         let paths = stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal);
