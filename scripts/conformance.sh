@@ -158,6 +158,8 @@ fi
 
 results=$base/results
 run=$(mktemp -d /tmp/husk-conformance.XXXXXX)
+# The bundles live below: a container's mapped root must be able to pass.
+chmod 0755 "$run"
 declare -A runtime_cmd
 # On any exit (also an interrupted run) remove what the runtimes still
 # hold, then the run directory.
