@@ -411,6 +411,35 @@ fn ctrd_pod_shares_one_vm() {
         assert!(stderr(&o).contains("exit code 137"), "{}", stderr(&o));
     }
     assert_exit(&c.ctr_out(&["container", "rm", "pod1-app", "pod1"]), 0);
+
+    // A pod whose sandbox goes first takes its other containers along.
+    let sandbox2 = [
+        "--annotation",
+        "io.kubernetes.cri.container-type=sandbox",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=pod2",
+    ];
+    let member2 = [
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=pod2",
+    ];
+    c.run_detached(&sandbox2, "pod2", &["sleep", "1000"]);
+    c.run_detached(&member2, "pod2-app", &["sleep", "1000"]);
+    assert_exit(&c.ctr_out(&["task", "kill", "-s", "SIGKILL", "pod2"]), 0);
+    c.wait_status("pod2", "STOPPED");
+    c.ctr_out(&["task", "delete", "pod2"]);
+    let gone = wait_until(Duration::from_secs(60), || {
+        c.task_status("pod2-app").as_deref() != Some("RUNNING")
+    });
+    assert!(gone, "the member outlived its pod");
+    c.ctr_out(&["task", "delete", "pod2-app"]);
+    let gone = wait_until(Duration::from_secs(60), || {
+        c.task_status("pod2-app").is_none()
+    });
+    assert!(gone, "containerd still lists the member");
+    assert_exit(&c.ctr_out(&["container", "rm", "pod2-app", "pod2"]), 0);
     c.assert_no_leaks();
 }
 
