@@ -39,6 +39,16 @@ fn main() -> ExitCode {
         println!("  Runtime:  {RUNTIME_ID}");
         return ExitCode::SUCCESS;
     }
+    if flags.action.is_empty()
+        && (flags.socket.is_empty() || std::env::var_os("TTRPC_ADDRESS").is_none())
+    {
+        eprintln!(
+            "{RUNTIME_ID}: this is containerd's shim for husk; containerd runs it \
+             (`ctr run --runtime {RUNTIME_ID} ...`), with the actions `start` and `delete` \
+             or as the server (-socket, $TTRPC_ADDRESS)"
+        );
+        return ExitCode::from(2);
+    }
     match flags.action.as_str() {
         // The server owns the pod: the share's bind mounts (and the rootfs
         // mounts it makes) must live in a mount namespace of its own, so the
