@@ -444,7 +444,7 @@ fn ctrd_pod_shares_one_vm() {
 }
 
 #[test]
-fn ctrd_restart_keeps_tasks_and_dead_shims_are_cleaned() {
+fn ctrd_restart_keeps_tasks_dead_vms_and_shims_are_cleaned() {
     let mut c = Containerd::start("restart");
     c.run_detached(&[], "r1", &["sleep", "1000"]);
     assert_eq!(c.shim_socket("r1"), c.expected_socket("r1"));
@@ -487,6 +487,20 @@ fn ctrd_restart_keeps_tasks_and_dead_shims_are_cleaned() {
     );
     let o = c.ctr_out(&["task", "delete", "r1"]);
     assert!(stderr(&o).contains("exit code 137"), "{}", stderr(&o));
+
+    // A VM that dies: its processes end with 255, the task can be deleted.
+    c.run_detached(&[], "vm-dies", &["sleep", "1000"]);
+    let qemus = c.qemus();
+    assert_eq!(qemus.len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemus[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    c.wait_status("vm-dies", "STOPPED");
+    let o = c.ctr_out(&["task", "delete", "vm-dies"]);
+    assert!(stderr(&o).contains("exit code 255"), "{}", stderr(&o));
+    assert_exit(&c.ctr_out(&["container", "rm", "vm-dies"]), 0);
 
     // A shim that dies: containerd runs `shim delete`, which removes what it
     // left (its VM dies with it).
