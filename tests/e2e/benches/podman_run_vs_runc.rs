@@ -9,23 +9,7 @@ use std::time::Instant;
 use husk_e2e::podman::{Podman, Runtime, IMAGE};
 use husk_e2e::{assert_exit, stderr};
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
-struct Stats {
-    median: f64,
-    p90: f64,
-}
-
-fn stats(mut v: Vec<f64>) -> Stats {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    Stats {
-        median: percentile(&v, 0.5),
-        p90: percentile(&v, 0.9),
-    }
-}
+use husk_e2e::bench::stats;
 
 /// One `podman run --rm IMG true`; returns its wall time in ms.
 fn run(p: &Podman, runtime: Runtime) -> f64 {

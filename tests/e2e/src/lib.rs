@@ -10,6 +10,7 @@
 //! A missing prerequisite fails the test with a message that says how to
 //! get it; nothing is skipped.
 
+pub mod bench;
 pub mod containerd;
 
 use std::io::Write;
