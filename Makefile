@@ -51,7 +51,7 @@ DEMO_BUNDLE ?= /var/tmp/husk-demo-bundle
 ## demo: set up everything that is missing, then run a container in a VM
 demo: setup install
 	@scripts/busybox-bundle.sh $(DEMO_BUNDLE) uname -sr
-	@echo "host kernel:               $$(uname -sr)"
+	@echo "host kernel:                  $$(uname -sr)"
 	@echo "kernel in the husk container: $$($(PREFIX)/bin/husk run --bundle $(DEMO_BUNDLE) husk-demo-$$$$)"
 
 ## lint: rustfmt and clippy, warnings are errors
