@@ -140,6 +140,7 @@ mod tests {
         let mut cfg = Config::default();
         cfg.hypervisor.path = "/nonexistent/qemu".into();
         cfg.hypervisor.kernel = "/nonexistent/vmlinux".into();
+        cfg.hypervisor.initrd = "/nonexistent/initrd.img".into();
         cfg.hypervisor.accel = AccelMode::Kvm;
         cfg.shared_fs.kind = SharedFsKind::NineP;
         let f = run_checks(&cfg, false, &NoKvm);
