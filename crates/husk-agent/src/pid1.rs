@@ -23,6 +23,9 @@ type EarlyMount = (
     Option<&'static str>,
 );
 
+/// The cgroup2 mount option (Linux 6.0+) that makes cgroup migrations cheap.
+const CGROUP_FAVOR_DYNMODS: &str = "favordynmods";
+
 /// What the guest needs before anything else, in order.
 pub fn early_mounts() -> Vec<EarlyMount> {
     let common = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
@@ -64,7 +67,17 @@ pub fn early_mounts() -> Vec<EarlyMount> {
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
             Some("mode=1777"),
         ),
-        ("cgroup2", "/sys/fs/cgroup", "cgroup2", common, None),
+        // favordynmods: moving a process into a cgroup (each container's
+        // init) otherwise waits for an RCU grace period on the cgroup
+        // rwsem's write side: measured 30 ms per container under TCG, 8 ms
+        // with it, for a slightly dearer fork and exit.
+        (
+            "cgroup2",
+            "/sys/fs/cgroup",
+            "cgroup2",
+            common,
+            Some(CGROUP_FAVOR_DYNMODS),
+        ),
     ]
 }
 
@@ -74,7 +87,12 @@ fn mount_early() -> Vec<String> {
     let mut problems = Vec::new();
     for (source, target, fstype, flags, data) in early_mounts() {
         let _ = fs::create_dir_all(target);
-        match mount(Some(source), target, Some(fstype), flags, data) {
+        let mut result = mount(Some(source), target, Some(fstype), flags, data);
+        if result == Err(Errno::EINVAL) && data == Some(CGROUP_FAVOR_DYNMODS) {
+            // A kernel before 6.0: the option is only an optimisation.
+            result = mount(Some(source), target, Some(fstype), flags, None::<&str>);
+        }
+        match result {
             Ok(()) | Err(Errno::EBUSY) => {}
             Err(e) => problems.push(format!("mounting {fstype} on {target}: {e}")),
         }
