@@ -9,7 +9,12 @@ pub const DEFAULT_FILTER: &str = "info";
 /// The value of `husk.log=` on a kernel command line (the last one wins, as
 /// with every kernel parameter).
 pub fn filter_from_cmdline(cmdline: &str) -> Option<String> {
-    let key = format!("{}=", husk_protocol::KERNEL_LOG_PARAM);
+    cmdline_value(cmdline, husk_protocol::KERNEL_LOG_PARAM)
+}
+
+/// The last non-empty value of `key=` on the kernel command line.
+pub fn cmdline_value(cmdline: &str, key: &str) -> Option<String> {
+    let key = format!("{key}=");
     cmdline
         .split_whitespace()
         .filter_map(|word| word.strip_prefix(key.as_str()))

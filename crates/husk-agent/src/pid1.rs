@@ -5,6 +5,8 @@ use std::fs;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
+use husk_protocol::agent::Storage;
+use husk_protocol::{GUEST_SHARE_DIR, KERNEL_SHARE_PARAM, SHARE_TAG};
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
@@ -132,9 +134,8 @@ pub fn power_off() {
 pub fn run() -> ! {
     let problems = mount_early();
     ensure_console();
-    let filter = fs::read_to_string("/proc/cmdline")
-        .ok()
-        .and_then(|cmdline| logging::filter_from_cmdline(&cmdline))
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let filter = logging::filter_from_cmdline(&cmdline)
         .unwrap_or_else(|| logging::DEFAULT_FILTER.to_string());
     logging::init(&filter);
     for problem in problems {
@@ -144,8 +145,12 @@ pub fn run() -> ! {
         version = env!("CARGO_PKG_VERSION"),
         "husk-agent running as PID 1"
     );
+    let options = ContainerOptions {
+        early_storage: early_storage(&cmdline),
+        ..ContainerOptions::default()
+    };
     loop {
-        let outcome = std::panic::catch_unwind(serve);
+        let outcome = std::panic::catch_unwind(|| serve(options.clone()));
         match outcome {
             Ok(Err(e)) => tracing::error!("the agent stopped serving: {e}; restarting it"),
             Ok(Ok(never)) => match never {},
@@ -155,12 +160,23 @@ pub fn run() -> ! {
     }
 }
 
-fn serve() -> std::io::Result<std::convert::Infallible> {
+/// The sandbox share named by `husk.share=DRIVER` on the kernel command line.
+fn early_storage(cmdline: &str) -> Option<Storage> {
+    let driver = logging::cmdline_value(cmdline, KERNEL_SHARE_PARAM)?;
+    Some(Storage {
+        driver,
+        source: SHARE_TAG.to_string(),
+        mount_point: GUEST_SHARE_DIR.to_string(),
+        ..Default::default()
+    })
+}
+
+fn serve(options: ContainerOptions) -> std::io::Result<std::convert::Infallible> {
     let runtime = server::runtime()?;
     runtime.block_on(async {
         let _agent = server::start(
             port_listener(PortLocation::default()),
-            ContainerOptions::default(),
+            options,
             ShutdownAction::RebootGuest,
         )
         .await?;
@@ -171,6 +187,17 @@ fn serve() -> std::io::Result<std::convert::Infallible> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_share_named_on_the_command_line_is_mounted_early() {
+        let s = early_storage("quiet husk.log=warn husk.share=9p").unwrap();
+        assert_eq!(
+            (s.driver.as_str(), s.source.as_str(), s.mount_point.as_str()),
+            ("9p", SHARE_TAG, GUEST_SHARE_DIR)
+        );
+        assert!(early_storage("quiet husk.log=warn").is_none());
+        assert!(early_storage("husk.share=").is_none());
+    }
 
     #[test]
     fn early_mounts_come_in_dependency_order() {

@@ -39,6 +39,7 @@ pub async fn start(
         .map_err(|e| io::Error::other(format!("starting the ttrpc server: {e}")))?;
     // Off the request path: the first CreateContainer need not pay for it.
     containers.prepare_cgroups_in_background();
+    containers.mount_early_storage_in_background();
     Ok(RunningAgent { containers, server })
 }
 

@@ -55,6 +55,12 @@ pub const MAX_CHUNK: u32 = 256 * 1024;
 /// Kernel command-line key that sets the agent's log filter (`husk.log=debug`).
 pub const KERNEL_LOG_PARAM: &str = "husk.log";
 
+/// Kernel command-line key that names the driver of the sandbox's shared
+/// filesystem (`husk.share=virtiofs` or `husk.share=9p`): the agent mounts
+/// [`SHARE_TAG`] on [`GUEST_SHARE_DIR`] as soon as it serves, while the host
+/// prepares the first container, instead of inside that CreateContainer.
+pub const KERNEL_SHARE_PARAM: &str = "husk.share";
+
 /// The capabilities the agent can give a container process, by number
 /// (`include/uapi/linux/capability.h`). `husk features` reports this set.
 pub const CAPABILITIES: &[&str] = &[

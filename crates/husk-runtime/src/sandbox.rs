@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use husk_hypervisor::accel::{self, HostProbe, SystemProbe};
 use husk_hypervisor::{Hypervisor, HypervisorError, SharedFs, Vm, VmExit, VmSpec};
 use husk_protocol::agent::Storage;
-use husk_protocol::{AGENT_PORT_NAME, GUEST_SHARE_DIR, KERNEL_LOG_PARAM, SHARE_TAG};
+use husk_protocol::{
+    AGENT_PORT_NAME, GUEST_SHARE_DIR, KERNEL_LOG_PARAM, KERNEL_SHARE_PARAM, SHARE_TAG,
+};
 
 use crate::agent::{AgentClient, AgentError, AgentInfo};
 use crate::bundle::Bundle;
@@ -103,7 +105,10 @@ impl Sandbox {
                 }
             },
         };
-        let mut kernel_params = vec![format!("{KERNEL_LOG_PARAM}={agent_log}")];
+        let mut kernel_params = vec![
+            format!("{KERNEL_LOG_PARAM}={agent_log}"),
+            format!("{KERNEL_SHARE_PARAM}={}", shared_fs.driver()),
+        ];
         kernel_params.extend(accel::tcg_clock_params(choice.accel, SystemProbe.tsc_khz()));
         kernel_params.extend(cfg.hypervisor.kernel_params.iter().cloned());
         let spec = VmSpec {

@@ -294,6 +294,9 @@ pub struct ContainerOptions {
     /// Where containers' cgroups go; `None` runs without cgroups (resources
     /// are then ignored, and Update/Stats fail).
     pub cgroup_root: Option<PathBuf>,
+    /// The sandbox's share, mounted as soon as the agent serves (named on
+    /// the kernel command line); CreateContainer waits for that mount.
+    pub early_storage: Option<Storage>,
 }
 
 impl Default for ContainerOptions {
@@ -303,6 +306,7 @@ impl Default for ContainerOptions {
             agent_exe: CString::from(c"/proc/self/exe"),
             die_with_agent: false,
             cgroup_root: Some(PathBuf::from(crate::cgroup::GUEST_ROOT)),
+            early_storage: None,
         }
     }
 }
@@ -415,6 +419,27 @@ impl Containers {
                 }
             });
         }
+    }
+
+    /// Mounts [`ContainerOptions::early_storage`] on a blocking thread,
+    /// holding the storage lock so that the first CreateContainer waits for
+    /// it (and then finds it mounted). A failure is only logged: that
+    /// CreateContainer mounts it again and reports the error.
+    pub fn mount_early_storage_in_background(self: &Arc<Self>) {
+        let Some(storage) = self.options.early_storage.clone() else {
+            return;
+        };
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let _serialised = me.storages.lock().await;
+            let mounted =
+                tokio::task::spawn_blocking(move || storage::mount_storage(&storage)).await;
+            match mounted {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("mounting the sandbox share early: {e}"),
+                Err(e) => tracing::warn!("mounting the sandbox share early: {e}"),
+            }
+        });
     }
 
     fn table(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
