@@ -9,15 +9,19 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use nix::sched::{sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 use crate::HypervisorError;
 
-/// Spawns `cmd` with stderr (and stdout) appended to `log`.
+/// Spawns `cmd` with stderr (and stdout) appended to `log`, on the host CPUs
+/// `cpus` when given.
 pub(crate) fn spawn(
     what: &'static str,
     mut cmd: Command,
     log: &Path,
+    cpus: Option<&[usize]>,
 ) -> Result<Child, HypervisorError> {
     let out = File::options()
         .create(true)
@@ -36,12 +40,29 @@ pub(crate) fn spawn(
         .stderr(err)
         .process_group(0)
         .kill_on_drop(true);
+    let affinity = match cpus {
+        Some(cpus) => {
+            let mut set = CpuSet::new();
+            for &cpu in cpus {
+                set.set(cpu).map_err(|e| HypervisorError::Io {
+                    context: format!("host CPU {cpu} cannot be named in a CPU set"),
+                    source: e.into(),
+                })?;
+            }
+            Some(set)
+        }
+        None => None,
+    };
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // one async-signal-safe system call (prctl), touching no shared state.
+    // async-signal-safe system calls (prctl, sched_setaffinity) on data
+    // prepared before the fork, touching no shared state.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(set) = &affinity {
+                sched_setaffinity(Pid::from_raw(0), set)?;
             }
             Ok(())
         });

@@ -56,4 +56,6 @@ pub struct VmSpec {
     pub console_log: PathBuf,
     /// File that receives QEMU's own stderr.
     pub hypervisor_log: PathBuf,
+    /// Host CPUs QEMU (so every vCPU) may run on; `None`: wherever husk may.
+    pub host_cpus: Option<Vec<usize>>,
 }

@@ -17,6 +17,7 @@ pub async fn start(
     share_dir: &Path,
     socket: &Path,
     log: &Path,
+    cpus: Option<&[usize]>,
 ) -> Result<Child, HypervisorError> {
     if !daemon.exists() {
         return Err(HypervisorError::MissingBinary {
@@ -35,7 +36,7 @@ pub async fn start(
         // 0 leaves RLIMIT_NOFILE alone: root here may lack CAP_SYS_RESOURCE.
         .args(["--rlimit-nofile", "0"])
         .args(["--log-level", "warn"]);
-    let mut child = process::spawn("virtiofsd", cmd, log)?;
+    let mut child = process::spawn("virtiofsd", cmd, log, cpus)?;
     process::wait_for_socket("virtiofsd", &mut child, socket, log, SOCKET_TIMEOUT).await?;
     Ok(child)
 }

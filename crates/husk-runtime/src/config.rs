@@ -53,6 +53,10 @@ pub struct HypervisorConfig {
     pub memory_mib: u32,
     /// Extra guest kernel parameters.
     pub kernel_params: Vec<String>,
+    /// Host CPUs to pin QEMU to: derived from the owning container's
+    /// `linux.resources.cpu.cpus` (see `sizing.rs`), never read from the file.
+    #[serde(skip)]
+    pub host_cpus: Option<Vec<usize>>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -102,6 +106,7 @@ impl Default for HypervisorConfig {
             vcpus: 1,
             memory_mib: 256,
             kernel_params: Vec::new(),
+            host_cpus: None,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod pod;
 pub mod sandbox;
 pub mod sandbox_dir;
 pub mod share;
+pub mod sizing;
 pub mod state;
 pub mod stdio;
 pub mod translate;

@@ -34,6 +34,7 @@ use crate::bundle::Bundle;
 use crate::config::Config;
 use crate::sandbox::{Sandbox, SandboxError};
 use crate::sandbox_dir::{self, SandboxDir, SandboxDirError};
+use crate::sizing::{self, SizingError};
 use crate::state::{self, ContainerState, StateError, Status};
 use crate::translate;
 
@@ -56,6 +57,8 @@ pub enum PodError {
     Dir(#[from] SandboxDirError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Sizing(#[from] SizingError),
     #[error("the VM of pod {0} is gone")]
     Gone(String),
     #[error("cannot unmount {path} from the pod's share: {errno}")]
@@ -71,7 +74,7 @@ pub enum Membership {
     Member { sandbox_id: String },
 }
 
-fn annotation<'a>(spec: &'a Spec, key: &str) -> Option<&'a str> {
+pub(crate) fn annotation<'a>(spec: &'a Spec, key: &str) -> Option<&'a str> {
     spec.annotations()
         .as_ref()
         .and_then(|a| a.get(key))
@@ -98,48 +101,6 @@ pub fn pod_id(cid: &str, spec: &Spec) -> String {
         Membership::Owner => cid.to_string(),
         Membership::Member { sandbox_id } => sandbox_id,
     }
-}
-
-/// The VM's size for a pod whose owner has `spec`: the configured size (what
-/// the guest kernel and agent need) plus the pod's limits, so a container
-/// can use all the memory and CPU it was given. The pod's limits are the
-/// CRI sandbox annotations when present, else the owner's own
-/// `linux.resources`. vCPUs never exceed the host's CPUs.
-pub fn vm_config(cfg: &Config, spec: &Spec, host_cpus: u32) -> Config {
-    let mut out = cfg.clone();
-    let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
-    let memory_limit = annotation(spec, SANDBOX_MEMORY)
-        .and_then(|v| v.parse::<i64>().ok())
-        .or_else(|| {
-            resources
-                .as_ref()
-                .and_then(|r| r.memory().as_ref())
-                .and_then(|m| m.limit())
-        })
-        .filter(|l| *l > 0);
-    if let Some(bytes) = memory_limit {
-        let mib = (bytes as u64).div_ceil(1 << 20);
-        out.hypervisor.memory_mib = cfg
-            .hypervisor
-            .memory_mib
-            .saturating_add(u32::try_from(mib).unwrap_or(u32::MAX));
-    }
-    let cpu = resources.as_ref().and_then(|r| r.cpu().clone());
-    let quota = annotation(spec, SANDBOX_CPU_QUOTA)
-        .and_then(|v| v.parse::<i64>().ok())
-        .or_else(|| cpu.as_ref().and_then(|c| c.quota()));
-    let period = annotation(spec, SANDBOX_CPU_PERIOD)
-        .and_then(|v| v.parse::<u64>().ok())
-        .or_else(|| cpu.as_ref().and_then(|c| c.period()));
-    if let (Some(q), Some(p)) = (quota, period) {
-        if q > 0 && p > 0 {
-            let extra = (q as u64).div_ceil(p);
-            let want = u64::from(cfg.hypervisor.vcpus) + extra;
-            out.hypervisor.vcpus = want.min(u64::from(host_cpus.max(1))) as u32;
-            out.hypervisor.vcpus = out.hypervisor.vcpus.max(cfg.hypervisor.vcpus);
-        }
-    }
-    out
 }
 
 /// Requests served by the task that owns the sandbox.
@@ -180,10 +141,7 @@ impl Pod {
         owner: &Bundle,
         agent_log: &str,
     ) -> Result<Pod, PodError> {
-        let host_cpus = std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1);
-        let cfg = vm_config(cfg, &owner.spec, host_cpus);
+        let cfg = sizing::vm_config(cfg, &owner.spec, &sizing::allowed_host_cpus())?;
         let dir = SandboxDir::create(root, id)?;
         let dir_path = dir.path().to_path_buf();
         let me = std::process::id() as i32;
@@ -532,32 +490,6 @@ mod tests {
             serde_json::json!({}),
         );
         assert_eq!(membership(&lost), Membership::Owner);
-    }
-
-    #[test]
-    fn limits_size_the_vm() {
-        let cfg = Config::default();
-        let plain = spec(serde_json::json!({}), serde_json::json!({}));
-        assert_eq!(vm_config(&cfg, &plain, 8), cfg);
-
-        let own = spec(
-            serde_json::json!({}),
-            serde_json::json!({"memory": {"limit": 33554432}, "cpu": {"quota": 150000, "period": 100000}}),
-        );
-        let c = vm_config(&cfg, &own, 8);
-        assert_eq!(c.hypervisor.memory_mib, cfg.hypervisor.memory_mib + 32);
-        assert_eq!(c.hypervisor.vcpus, cfg.hypervisor.vcpus + 2);
-        // Never more vCPUs than the host has.
-        assert_eq!(vm_config(&cfg, &own, 2).hypervisor.vcpus, 2);
-
-        // The pod's annotations win over the sandbox container's own limits.
-        let pod = spec(
-            serde_json::json!({SANDBOX_MEMORY: "1048577", SANDBOX_CPU_QUOTA: "0", SANDBOX_CPU_PERIOD: "100000"}),
-            serde_json::json!({"memory": {"limit": 33554432}}),
-        );
-        let c = vm_config(&cfg, &pod, 8);
-        assert_eq!(c.hypervisor.memory_mib, cfg.hypervisor.memory_mib + 2);
-        assert_eq!(c.hypervisor.vcpus, cfg.hypervisor.vcpus);
     }
 
     #[test]

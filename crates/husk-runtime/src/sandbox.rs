@@ -128,6 +128,7 @@ impl Sandbox {
             qmp_socket: dir.qmp_socket(),
             console_log: dir.console_log(),
             hypervisor_log: dir.hypervisor_log(),
+            host_cpus: cfg.hypervisor.host_cpus.clone(),
         };
         let t0 = Instant::now();
         let mut vm = hv.launch(&spec).await?;

@@ -9,6 +9,11 @@
 //! - Namespace paths name host namespaces, which the guest cannot join; they
 //!   are dropped (the container gets fresh namespaces in the guest).
 //! - Hooks run on the host and are not sent to the guest.
+//! - Resources that name host hardware are not sent either:
+//!   `cpu.cpus`/`cpu.mems` (host CPUs and NUMA nodes: the VM is pinned to
+//!   the CPUs instead, see `sizing.rs`) and the per-device `blockIO` lists
+//!   (host block devices, which the guest does not have; the container's
+//!   files reach it over the share). `blockIO.weight` stays.
 
 use std::path::{Path, PathBuf};
 
@@ -97,6 +102,34 @@ pub fn guest_spec(spec: &Spec, cid: &str, bundle_dir: &Path, rootfs: &Path) -> G
             }
         }
     }
+    if let Some(resources) = spec
+        .linux_mut()
+        .as_mut()
+        .and_then(|l| l.resources_mut().as_mut())
+    {
+        if let Some(cpu) = resources.cpu_mut() {
+            if cpu.cpus().is_some() || cpu.mems().is_some() {
+                tracing::debug!(cpus = ?cpu.cpus(), mems = ?cpu.mems(), "host CPUs and memory nodes: applied to the VM, not in the guest");
+                cpu.set_cpus(None);
+                cpu.set_mems(None);
+            }
+        }
+        if let Some(io) = resources.block_io_mut() {
+            let per_device = io.weight_device().is_some()
+                || io.throttle_read_bps_device().is_some()
+                || io.throttle_write_bps_device().is_some()
+                || io.throttle_read_iops_device().is_some()
+                || io.throttle_write_iops_device().is_some();
+            if per_device {
+                tracing::warn!("linux.resources.blockIO names host block devices, which the guest does not have: those limits are not applied");
+                io.set_weight_device(None);
+                io.set_throttle_read_bps_device(None);
+                io.set_throttle_write_bps_device(None);
+                io.set_throttle_read_iops_device(None);
+                io.set_throttle_write_iops_device(None);
+            }
+        }
+    }
     spec.set_hooks(None);
     GuestSpec { spec, binds }
 }
@@ -121,7 +154,13 @@ mod tests {
             {"destination": "/dev/shm", "type": "bind", "source": "/dev/shm", "options": ["bind"]},
             {"destination": "/rel", "type": "bind", "source": "reldir", "options": ["bind"]}
         ],
-        "linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/proc/42/ns/net"}]}
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "network", "path": "/proc/42/ns/net"}],
+            "resources": {
+                "cpu": {"cpus": "1", "mems": "0", "shares": 512},
+                "blockIO": {"weight": 200, "throttleReadBpsDevice": [{"major": 8, "minor": 0, "rate": 1048576}]}
+            }
+        }
     }"#;
 
     #[test]
@@ -175,5 +214,21 @@ mod tests {
             .unwrap();
         assert!(nss.iter().all(|n| n.path().is_none()));
         assert_eq!(nss.len(), 2);
+        let r = g
+            .spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .resources()
+            .as_ref()
+            .unwrap();
+        let cpu = r.cpu().as_ref().unwrap();
+        assert_eq!(
+            (cpu.cpus(), cpu.mems(), cpu.shares()),
+            (&None, &None, Some(512))
+        );
+        let io = r.block_io().as_ref().unwrap();
+        assert_eq!(io.weight(), Some(200));
+        assert!(io.throttle_read_bps_device().is_none());
     }
 }

@@ -244,3 +244,58 @@ fn vm_failing_create_runtime_hook_fails_run_and_leaves_nothing() {
     assert!(!b.rootfs().join("ran").exists(), "the container ran");
     env.assert_no_leaks();
 }
+
+#[test]
+fn vm_is_sized_and_pinned_by_the_spec() {
+    let env = Env::new("sizing");
+    // 512 MiB and two CPUs' worth of quota, but pinned to host CPU 0: the VM
+    // gets the memory on top of its own, one vCPU, and runs on CPU 0 only.
+    // The block I/O limit names a host disk the guest does not have.
+    let mut b = Bundle::busybox(&["sh", "-c", "sleep 3; grep MemTotal /proc/meminfo; nproc"]);
+    b.set_resources(json!({
+        "memory": {"limit": 536870912},
+        "cpu": {"cpus": "0", "quota": 200000, "period": 100000},
+        "blockIO": {"throttleReadBpsDevice": [{"major": 8, "minor": 0, "rate": 1048576}]}
+    }));
+    b.save();
+    let mut c = env.husk();
+    c.arg("run").arg("--bundle").arg(b.dir()).arg("sized");
+    c.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = c.spawn().expect("husk run");
+    let state = env.state_dir("sized").join("state.json");
+    let mut vm_pid = None;
+    wait_until(std::time::Duration::from_secs(60), || {
+        vm_pid = std::fs::read(&state)
+            .ok()
+            .and_then(|s| serde_json::from_slice::<serde_json::Value>(&s).ok())
+            .and_then(|v| v["vm_pid"].as_u64());
+        vm_pid.is_some()
+    });
+    let vm_pid = vm_pid.expect("the VM's pid in state.json");
+    let status = std::fs::read_to_string(format!("/proc/{vm_pid}/status")).unwrap();
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(str::trim);
+    assert_eq!(allowed, Some("0"), "QEMU's affinity");
+    let o = child.wait_with_output().unwrap();
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    let mut lines = out.lines();
+    let mem_kib: u64 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal in {out:?}"));
+    assert!(mem_kib > 512 * 1024, "MemTotal {mem_kib} kB: {out:?}");
+    assert_eq!(lines.next(), Some("1"), "nproc: {out:?}");
+
+    // Host CPUs husk may not use are refused before anything exists.
+    let mut bad = Bundle::busybox(&["true"]);
+    bad.set_resources(json!({"cpu": {"cpus": "4000"}}));
+    bad.save();
+    let o = env.run(&bad, "badcpus", b"");
+    assert_one_line_error(&o, "linux.resources.cpu.cpus \"4000\"");
+    env.assert_no_leaks();
+}

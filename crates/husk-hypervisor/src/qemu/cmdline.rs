@@ -162,6 +162,7 @@ mod tests {
             qmp_socket: d.join("qmp.sock"),
             console_log: d.join("console.log"),
             hypervisor_log: d.join("qemu.log"),
+            host_cpus: None,
         }
     }
 

@@ -23,15 +23,23 @@ impl crate::Hypervisor for Qemu {
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, HypervisorError> {
         check_inputs(spec)?;
         let virtiofsd = match &spec.shared_fs {
-            SharedFs::Virtiofs { daemon, socket } => {
-                Some(virtiofsd::start(daemon, &spec.share_dir, socket, &spec.hypervisor_log).await?)
-            }
+            SharedFs::Virtiofs { daemon, socket } => Some(
+                virtiofsd::start(
+                    daemon,
+                    &spec.share_dir,
+                    socket,
+                    &spec.hypervisor_log,
+                    spec.host_cpus.as_deref(),
+                )
+                .await?,
+            ),
             SharedFs::NineP => None,
         };
         let mut cmd = Command::new(&spec.qemu);
         cmd.args(cmdline::command_line(spec));
         tracing::debug!(args = ?cmdline::command_line(spec), "starting qemu");
-        let mut child = process::spawn("qemu", cmd, &spec.hypervisor_log)?;
+        let mut child =
+            process::spawn("qemu", cmd, &spec.hypervisor_log, spec.host_cpus.as_deref())?;
         for sock in [&spec.qmp_socket, &spec.agent_socket] {
             process::wait_for_socket(
                 "qemu",

@@ -33,6 +33,7 @@ use crate::console::{self, ConsoleError};
 use crate::hooks::{self, HookError};
 use crate::sandbox::{Sandbox, SandboxError};
 use crate::sandbox_dir::{validate_id, SandboxDir, SandboxDirError};
+use crate::sizing::{self, SizingError};
 use crate::state::{self, ContainerLock, ContainerState, StateError, Status};
 use crate::stdio;
 use api::Response;
@@ -51,6 +52,8 @@ pub enum MonitorError {
     Console(#[from] ConsoleError),
     #[error(transparent)]
     Hook(#[from] HookError),
+    #[error(transparent)]
+    Sizing(#[from] SizingError),
     #[error("process.terminal is true but no --console-socket was given: pass one, or set terminal to false")]
     NeedConsoleSocket,
     #[error("cannot listen on {path}")]
@@ -212,6 +215,8 @@ async fn serve_inner(
     if terminal && opts.console_socket.is_none() && !opts.autostart {
         return Err(MonitorError::NeedConsoleSocket);
     }
+    let sized = sizing::vm_config(cfg, &bundle.spec, &sizing::allowed_host_cpus())?;
+    let cfg = &sized;
     let t0 = Instant::now();
     let dir = SandboxDir::create(&opts.root, &opts.id)?;
     let dir_path = dir.path().to_path_buf();

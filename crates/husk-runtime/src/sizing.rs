@@ -1,0 +1,240 @@
+//! How big a sandbox's VM is, and where it runs, derived from the spec of the
+//! container that owns it (the CLI's one container, a pod's sandbox
+//! container).
+//!
+//! - Memory: the configured `hypervisor.memory_mib` (what the guest kernel
+//!   and agent need) plus `linux.resources.memory.limit`, so the container
+//!   can use all it was given and the limit, applied in the guest, is what
+//!   stops it.
+//! - vCPUs: the configured `hypervisor.vcpus` plus ⌈quota / period⌉ of
+//!   `linux.resources.cpu`, never more than the host CPUs husk may use.
+//! - Host CPUs: `linux.resources.cpu.cpus` names host CPUs. The guest's CPUs
+//!   are vCPUs, so the list is not applied in the guest: QEMU (every vCPU
+//!   thread) is pinned to those host CPUs instead, and the VM gets no more
+//!   vCPUs than the list has CPUs. `cpu.mems` (host NUMA nodes) is dropped.
+//!
+//! For a pod, the CRI sandbox annotations (`io.kubernetes.cri.sandbox-*`)
+//! take the place of the owner's own memory and CPU limits.
+
+use oci_spec::runtime::Spec;
+
+use crate::config::Config;
+use crate::pod::{annotation, SANDBOX_CPU_PERIOD, SANDBOX_CPU_QUOTA, SANDBOX_MEMORY};
+
+/// The spec asks for a placement the host cannot give.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SizingError {
+    #[error(
+        "linux.resources.cpu.cpus {0:?} is not a CPU list: use numbers and ranges like \"0-2,4\""
+    )]
+    BadCpuList(String),
+    #[error("linux.resources.cpu.cpus {list:?} names host CPUs husk may not use (allowed: {allowed}); pick CPUs from that list")]
+    CpusNotAllowed { list: String, allowed: String },
+}
+
+/// Parses a cpuset list (`0-2,4`); sorted, without duplicates.
+pub fn parse_cpu_list(list: &str) -> Result<Vec<usize>, SizingError> {
+    let bad = || SizingError::BadCpuList(list.to_string());
+    let mut cpus = Vec::new();
+    for part in list.split(',').map(str::trim) {
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let first: usize = first.parse().map_err(|_| bad())?;
+        let last: usize = last.parse().map_err(|_| bad())?;
+        if first > last || last >= 4096 {
+            return Err(bad());
+        }
+        cpus.extend(first..=last);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
+/// `[0, 1, 2, 5]` as `0-2,5`.
+pub fn format_cpu_list(cpus: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let start = cpus[i];
+        while i + 1 < cpus.len() && cpus[i + 1] == cpus[i] + 1 {
+            i += 1;
+        }
+        out.push(if cpus[i] == start {
+            start.to_string()
+        } else {
+            format!("{start}-{}", cpus[i])
+        });
+        i += 1;
+    }
+    out.join(",")
+}
+
+/// The host CPUs this process may run on (its affinity mask).
+pub fn allowed_host_cpus() -> Vec<usize> {
+    match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..nix::sched::CpuSet::count())
+            .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+            .collect(),
+        Err(_) => {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (0..n).collect()
+        }
+    }
+}
+
+/// The VM for the container whose spec is `spec`, on a host where husk may
+/// use the CPUs `allowed`.
+pub fn vm_config(cfg: &Config, spec: &Spec, allowed: &[usize]) -> Result<Config, SizingError> {
+    let mut out = cfg.clone();
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+    let memory_limit = annotation(spec, SANDBOX_MEMORY)
+        .and_then(|v| v.parse::<i64>().ok())
+        .or_else(|| {
+            resources
+                .as_ref()
+                .and_then(|r| r.memory().as_ref())
+                .and_then(|m| m.limit())
+        })
+        .filter(|l| *l > 0);
+    if let Some(bytes) = memory_limit {
+        let mib = (bytes as u64).div_ceil(1 << 20);
+        out.hypervisor.memory_mib = cfg
+            .hypervisor
+            .memory_mib
+            .saturating_add(u32::try_from(mib).unwrap_or(u32::MAX));
+    }
+
+    let cpu = resources.as_ref().and_then(|r| r.cpu().clone());
+    let pinned = match cpu.as_ref().and_then(|c| c.cpus().clone()) {
+        Some(list) if !list.trim().is_empty() => {
+            let cpus = parse_cpu_list(&list)?;
+            if !cpus.iter().all(|c| allowed.contains(c)) {
+                return Err(SizingError::CpusNotAllowed {
+                    list,
+                    allowed: format_cpu_list(allowed),
+                });
+            }
+            Some(cpus)
+        }
+        _ => None,
+    };
+    let usable = pinned.as_ref().map_or(allowed.len(), Vec::len).max(1) as u64;
+
+    let quota = annotation(spec, SANDBOX_CPU_QUOTA)
+        .and_then(|v| v.parse::<i64>().ok())
+        .or_else(|| cpu.as_ref().and_then(|c| c.quota()));
+    let period = annotation(spec, SANDBOX_CPU_PERIOD)
+        .and_then(|v| v.parse::<u64>().ok())
+        .or_else(|| cpu.as_ref().and_then(|c| c.period()));
+    let mut vcpus = u64::from(cfg.hypervisor.vcpus);
+    if let (Some(q), Some(p)) = (quota, period) {
+        if q > 0 && p > 0 {
+            vcpus += (q as u64).div_ceil(p);
+            // Never more than the host can run, nor fewer than configured.
+            vcpus = vcpus.min(usable).max(u64::from(cfg.hypervisor.vcpus));
+        }
+    }
+    if pinned.is_some() {
+        vcpus = vcpus.min(usable);
+    }
+    out.hypervisor.vcpus = vcpus as u32;
+    out.hypervisor.host_cpus = pinned;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(annotations: serde_json::Value, resources: serde_json::Value) -> Spec {
+        serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "annotations": annotations,
+            "linux": {"resources": resources}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn cpu_lists_parse_and_print() {
+        assert_eq!(parse_cpu_list("0-2,4").unwrap(), vec![0, 1, 2, 4]);
+        assert_eq!(parse_cpu_list(" 3 , 1,1").unwrap(), vec![1, 3]);
+        assert_eq!(format_cpu_list(&[0, 1, 2, 4, 6, 7]), "0-2,4,6-7");
+        for bad in ["", "a", "2-1", "1-", "0-99999", "1,,2"] {
+            assert_eq!(
+                parse_cpu_list(bad),
+                Err(SizingError::BadCpuList(bad.to_string())),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn limits_size_the_vm() {
+        let cfg = Config::default();
+        let eight: Vec<usize> = (0..8).collect();
+        let plain = spec(serde_json::json!({}), serde_json::json!({}));
+        assert_eq!(vm_config(&cfg, &plain, &eight).unwrap(), cfg);
+
+        let own = spec(
+            serde_json::json!({}),
+            serde_json::json!({"memory": {"limit": 33554432}, "cpu": {"quota": 150000, "period": 100000}}),
+        );
+        let c = vm_config(&cfg, &own, &eight).unwrap();
+        assert_eq!(c.hypervisor.memory_mib, cfg.hypervisor.memory_mib + 32);
+        assert_eq!(c.hypervisor.vcpus, cfg.hypervisor.vcpus + 2);
+        // Never more vCPUs than the host has.
+        assert_eq!(vm_config(&cfg, &own, &[0, 1]).unwrap().hypervisor.vcpus, 2);
+
+        // The pod's annotations win over the sandbox container's own limits.
+        let pod = spec(
+            serde_json::json!({SANDBOX_MEMORY: "1048577", SANDBOX_CPU_QUOTA: "0", SANDBOX_CPU_PERIOD: "100000"}),
+            serde_json::json!({"memory": {"limit": 33554432}}),
+        );
+        let c = vm_config(&cfg, &pod, &eight).unwrap();
+        assert_eq!(c.hypervisor.memory_mib, cfg.hypervisor.memory_mib + 2);
+        assert_eq!(c.hypervisor.vcpus, cfg.hypervisor.vcpus);
+    }
+
+    #[test]
+    fn a_cpuset_pins_the_vm_and_bounds_its_vcpus() {
+        let cfg = Config::default();
+        let four: Vec<usize> = (0..4).collect();
+        let pinned = spec(
+            serde_json::json!({}),
+            serde_json::json!({"cpu": {"cpus": "1-2", "quota": 400000, "period": 100000}}),
+        );
+        let c = vm_config(&cfg, &pinned, &four).unwrap();
+        assert_eq!(c.hypervisor.host_cpus, Some(vec![1, 2]));
+        assert_eq!(c.hypervisor.vcpus, 2);
+
+        let outside = spec(
+            serde_json::json!({}),
+            serde_json::json!({"cpu": {"cpus": "3,7"}}),
+        );
+        assert_eq!(
+            vm_config(&cfg, &outside, &four),
+            Err(SizingError::CpusNotAllowed {
+                list: "3,7".into(),
+                allowed: "0-3".into()
+            })
+        );
+        let garbage = spec(
+            serde_json::json!({}),
+            serde_json::json!({"cpu": {"cpus": "x"}}),
+        );
+        assert!(matches!(
+            vm_config(&cfg, &garbage, &four),
+            Err(SizingError::BadCpuList(_))
+        ));
+    }
+
+    #[test]
+    fn this_process_may_use_some_cpu() {
+        assert!(!allowed_host_cpus().is_empty());
+    }
+}
