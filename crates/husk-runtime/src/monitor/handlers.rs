@@ -171,6 +171,14 @@ async fn handle(mut stream: UnixStream, shared: Arc<Shared>) {
         Request::Pause => vm_command(&shared, Status::Running, "pause", Command::Pause).await,
         Request::Resume => vm_command(&shared, Status::Paused, "resume", Command::Resume).await,
         Request::Delete { force } => {
+            // When the container ends on its own as the delete arrives, the
+            // main loop is gone (or drops the command): the monitor is
+            // already tearing the sandbox down, which is what was asked;
+            // the caller waits for the monitor to exit.
+            let tearing_down = || {
+                tracing::debug!("delete while the monitor tears down after the container's exit");
+                ok(Value::Null)
+            };
             let (tx, rx) = oneshot::channel();
             if shared
                 .commands
@@ -178,10 +186,9 @@ async fn handle(mut stream: UnixStream, shared: Arc<Shared>) {
                 .await
                 .is_err()
             {
-                err("the monitor is shutting down")
+                tearing_down()
             } else {
-                rx.await
-                    .unwrap_or_else(|_| err("the monitor is shutting down"))
+                rx.await.unwrap_or_else(|_| tearing_down())
             }
         }
     };
@@ -344,6 +351,58 @@ mod tests {
             .await
             .expect("drained returns once the last request ends")
             .unwrap();
+    }
+
+    /// A monitor whose main loop has ended (the container exited on its
+    /// own) and whose agent socket leads nowhere.
+    async fn ended_monitor(dir: &std::path::Path) -> Arc<Shared> {
+        let sock = dir.join("agent.sock");
+        let _listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let agent = crate::agent::AgentClient::connect(&sock).await.unwrap();
+        let (commands, ended) = tokio::sync::mpsc::channel(1);
+        drop(ended);
+        Arc::new(Shared {
+            agent,
+            hooks: Default::default(),
+            cid: "c".into(),
+            dir: dir.to_path_buf(),
+            state: std::sync::Mutex::new(crate::state::ContainerState {
+                id: "c".into(),
+                bundle: dir.into(),
+                rootfs: dir.join("rootfs"),
+                status: Status::Stopped,
+                pid: 1,
+                pid_start_time: 0,
+                created: String::new(),
+                annotations: Default::default(),
+                owner: String::new(),
+                exit_status: Some(0),
+                vm_pid: None,
+            }),
+            commands,
+            in_flight: InFlight::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_delete_racing_the_containers_exit_succeeds() {
+        let dir = std::env::temp_dir().join(format!("husk-handlers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let shared = ended_monitor(&dir).await;
+        let (client, server) = tokio::net::UnixStream::pair().unwrap();
+        let served = tokio::spawn(handle(server, shared));
+        let mut client = client.into_std().unwrap();
+        client.set_nonblocking(false).unwrap();
+        let reply = tokio::task::spawn_blocking(move || {
+            api::send_request(&mut client, &Request::Delete { force: true }, &[]).unwrap();
+            api::recv_response(&mut client).unwrap()
+        })
+        .await
+        .unwrap();
+        served.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(reply, Response::Ok { .. }), "{reply:?}");
     }
 
     #[tokio::test(start_paused = true)]
