@@ -283,6 +283,7 @@ async fn serve_inner(
     drop(lock);
 
     if opts.autostart {
+        let ts = Instant::now();
         if let Err(e) = sandbox
             .while_alive(
                 "while starting the container",
@@ -297,6 +298,7 @@ async fn serve_inner(
         shared.poststart().await;
         tracing::info!(
             target: "husk_timing",
+            start_ms = ts.elapsed().as_secs_f64() * 1e3,
             total_to_running_ms = t0.elapsed().as_secs_f64() * 1e3,
             "container running"
         );
