@@ -50,7 +50,9 @@ pub fn code(error: &AgentError) -> Code {
             | C::NoTerminal { .. }
             | C::NoCgroup(_) => Code::FAILED_PRECONDITION,
             C::Cgroup { source, .. } => match source {
-                CgroupError::Resources(_) | CgroupError::Refused { .. } => Code::INVALID_ARGUMENT,
+                CgroupError::Resources(_)
+                | CgroupError::DeviceRules(_)
+                | CgroupError::Refused { .. } => Code::INVALID_ARGUMENT,
                 CgroupError::MissingController { .. } => Code::FAILED_PRECONDITION,
                 CgroupError::Root { .. } | CgroupError::Io { .. } => Code::INTERNAL,
             },

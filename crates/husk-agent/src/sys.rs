@@ -308,6 +308,119 @@ pub fn install_seccomp_filter(program: &[SockFilter], flags: u32) -> io::Result<
     Ok(())
 }
 
+/// `union bpf_attr` for `BPF_PROG_LOAD`, up to `expected_attach_type`,
+/// padded with zeros (the kernel requires unused bytes to be zero).
+#[repr(C)]
+struct BpfProgLoad {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+    padding: [u8; 64],
+}
+
+/// `union bpf_attr` for `BPF_PROG_ATTACH`.
+#[repr(C)]
+struct BpfProgAttach {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+    padding: [u8; 44],
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_TYPE_CGROUP_DEVICE: u32 = 15;
+const BPF_CGROUP_DEVICE: u32 = 6;
+const BPF_F_ALLOW_MULTI: u32 = 2;
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a `bpf_attr` layout for `cmd` of the size passed;
+    // the kernel reads it (and, for a log buffer, writes to the buffer it
+    // names, which the caller keeps alive) only during the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+/// Loads a `BPF_PROG_TYPE_CGROUP_DEVICE` program (`bpf(2)`); a program the
+/// verifier rejects is an error carrying the verifier's log.
+pub fn load_device_program(program: &[crate::cgroup::devices::Insn]) -> io::Result<OwnedFd> {
+    let license = c"Apache-2.0";
+    let mut log = vec![0u8; 0];
+    let load = |log: &mut Vec<u8>| {
+        let mut attr = BpfProgLoad {
+            prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
+            insn_cnt: u32::try_from(program.len())
+                .map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
+            insns: program.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            log_level: u32::from(!log.is_empty()),
+            log_size: log.len() as u32,
+            // No log: all three zero, or the kernel refuses the call.
+            log_buf: if log.is_empty() {
+                0
+            } else {
+                log.as_mut_ptr() as u64
+            },
+            kern_version: 0,
+            prog_flags: 0,
+            prog_name: *b"husk_devices\0\0\0\0",
+            prog_ifindex: 0,
+            expected_attach_type: BPF_CGROUP_DEVICE,
+            padding: [0; 64],
+        };
+        bpf(BPF_PROG_LOAD, &mut attr)
+    };
+    let fd = match load(&mut log) {
+        Ok(fd) => fd,
+        Err(e)
+            if e.raw_os_error() == Some(libc::EACCES) || e.raw_os_error() == Some(libc::EINVAL) =>
+        {
+            // Ask again with the verifier's log, to say why.
+            log = vec![0u8; 16 * 1024];
+            let _ = load(&mut log);
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            return Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "{e}; verifier: {}",
+                    String::from_utf8_lossy(&log[..end]).trim()
+                ),
+            ));
+        }
+        Err(e) => return Err(e),
+    };
+    // SAFETY: bpf(BPF_PROG_LOAD) returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Attaches a device program to the cgroup whose directory is open as
+/// `cgroup`, alongside any others (`BPF_F_ALLOW_MULTI`: all must allow).
+pub fn attach_device_program(cgroup: &std::fs::File, program: &OwnedFd) -> io::Result<()> {
+    let mut attr = BpfProgAttach {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: program.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_DEVICE,
+        attach_flags: BPF_F_ALLOW_MULTI,
+        replace_bpf_fd: 0,
+        padding: [0; 44],
+    };
+    bpf(BPF_PROG_ATTACH, &mut attr).map(|_| ())
+}
+
 /// Outcome of [`fork_as_sibling`].
 pub enum Forked {
     /// In the parent: the child's pid (in the caller's PID namespace).

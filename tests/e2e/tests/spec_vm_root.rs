@@ -299,3 +299,27 @@ fn vm_is_sized_and_pinned_by_the_spec() {
     assert_one_line_error(&o, "linux.resources.cpu.cpus \"4000\"");
     env.assert_no_leaks();
 }
+
+#[test]
+fn vm_device_rules_are_enforced() {
+    let env = Env::new("devices");
+    // Deny everything (as podman does first): a node the container makes
+    // cannot be opened, the standard devices still work.
+    let mut b = Bundle::busybox(&[
+        "sh",
+        "-c",
+        "mknod /dev/kmsg2 c 1 11 && echo made; \
+         echo hi > /dev/kmsg2 && echo opened; \
+         echo x > /dev/null && echo null-ok",
+    ]);
+    b.set_resources(json!({"devices": [{"allow": false, "access": "rwm"}]}));
+    b.save();
+    let o = env.run(&b, "devices", b"");
+    assert_eq!(stdout(&o), "made\nnull-ok\n", "stderr: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("Operation not permitted"),
+        "stderr: {}",
+        stderr(&o)
+    );
+    env.assert_no_leaks();
+}

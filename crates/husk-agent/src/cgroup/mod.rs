@@ -8,6 +8,7 @@
 //! in `cgroup.subtree_control` of every cgroup from the cgroup2 mount down to
 //! the root, so each container's cgroup gets them.
 
+pub mod devices;
 pub mod oom;
 pub mod resources;
 
@@ -54,6 +55,9 @@ pub enum CgroupError {
     /// The resources are not valid.
     #[error(transparent)]
     Resources(#[from] ResourceError),
+    /// The device rules are not valid.
+    #[error(transparent)]
+    DeviceRules(#[from] devices::DeviceRuleError),
     /// A limit needs a controller the guest kernel lacks.
     #[error("{field} needs {file}, which the container's cgroup does not have (the guest kernel lacks that cgroup v2 controller)")]
     MissingController {
@@ -200,6 +204,15 @@ impl Cgroup {
     /// Its directory.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Enforces device `rules` on it (see [`devices`]).
+    pub fn restrict_devices(&self, rules: &[devices::Rule]) -> Result<(), CgroupError> {
+        devices::attach(&self.path, rules).map_err(|source| CgroupError::Io {
+            what: "attaching the device rules (a BPF program) to",
+            path: self.path.clone(),
+            source,
+        })
     }
 
     /// Moves process `pid` into it.

@@ -25,9 +25,10 @@ use husk_protocol::agent::{ProcessInfo, StatsContainerResponse, Storage};
 use nix::sys::inotify::WatchDescriptor;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use oci_spec::runtime::LinuxResources;
+use oci_spec::runtime::{LinuxDevice, LinuxResources};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+use crate::cgroup::devices;
 use crate::cgroup::oom::OomEvents;
 use crate::cgroup::{Cgroup, CgroupError, CgroupRoot};
 use crate::process::spawn::{clone_exec, CloneExec};
@@ -515,7 +516,12 @@ impl Containers {
         }
         let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
         let t_spec = t0.elapsed();
-        let cgroup = self.create_cgroup(id, resources)?;
+        let device_nodes = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.devices().as_deref())
+            .unwrap_or_default();
+        let cgroup = self.create_cgroup(id, resources, device_nodes)?;
         let t_cgroup = t0.elapsed();
         let console_size = config.process.console_size;
         let spawned = self
@@ -579,6 +585,7 @@ impl Containers {
         &self,
         id: &str,
         resources: Option<&LinuxResources>,
+        device_nodes: &[LinuxDevice],
     ) -> Result<Option<Cgroup>, ContainerError> {
         let cgroup_error = |source| ContainerError::Cgroup {
             id: id.to_string(),
@@ -602,7 +609,17 @@ impl Containers {
             Err(error) => return Err(cgroup_error(error)),
         };
         if let Some(resources) = resources {
-            match cgroup.apply(resources) {
+            let applied = cgroup.apply(resources).and_then(|notes| {
+                let rules = devices::rules(
+                    resources.devices().as_deref().unwrap_or_default(),
+                    device_nodes,
+                )?;
+                if let Some(rules) = rules {
+                    cgroup.restrict_devices(&rules)?;
+                }
+                Ok(notes)
+            });
+            match applied {
                 Ok(notes) => {
                     for note in notes {
                         tracing::warn!(container = id, "{note}");
