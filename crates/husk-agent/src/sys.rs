@@ -2,11 +2,13 @@
 //! only as `unsafe` (or not at all). Together with `process/spawn.rs` this is
 //! the agent's whole `unsafe` surface.
 
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 /// Takes ownership of a descriptor the process inherited at a fixed number
 /// (the init stage gets its control pipes at 3, 4 and 5).
@@ -80,6 +82,75 @@ pub fn set_window_size(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> io::Result<(
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Sends the descriptor `fd` over the unix socket `socket` (`SCM_RIGHTS`),
+/// with a one-byte payload so that the peer can tell it from end-of-file.
+/// The container stages send their terminal's master to the agent this way.
+pub fn send_fd(socket: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<()> {
+    let fds = [fd.as_raw_fd()];
+    let sent = sendmsg::<()>(
+        socket.as_raw_fd(),
+        &[IoSlice::new(b"f")],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    if sent != 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "the descriptor's message was not sent",
+        ));
+    }
+    Ok(())
+}
+
+/// Receives one descriptor sent with [`send_fd`], close-on-exec.
+///
+/// `Ok(None)` is end-of-file: the peer closed its end without sending one.
+/// Without `wait` the call does not block, and fails with `WouldBlock` when
+/// nothing was sent yet. A message that carries no descriptor, or several,
+/// is an error (extra descriptors are closed).
+pub fn recv_fd(socket: BorrowedFd<'_>, wait: bool) -> io::Result<Option<OwnedFd>> {
+    let mut payload = [0u8; 1];
+    let mut iov = [IoSliceMut::new(&mut payload)];
+    // Room for more than one, so that a surplus is seen (and closed) rather
+    // than truncated away.
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
+    if !wait {
+        flags |= MsgFlags::MSG_DONTWAIT;
+    }
+    let (bytes, mut received) = loop {
+        let msg = match recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut space), flags) {
+            Err(Errno::EINTR) => continue,
+            other => other?,
+        };
+        let mut received = Vec::new();
+        for cmsg in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                // SAFETY: SCM_RIGHTS has just installed these descriptors in
+                // this process; nothing else owns them.
+                received.extend(
+                    fds.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
+            }
+        }
+        break (msg.bytes, received);
+    };
+    match received.len() {
+        0 if bytes == 0 => Ok(None),
+        1 => Ok(received.pop()),
+        0 => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a message without a descriptor",
+        )),
+        n => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{n} descriptors in one message where one was expected"),
+        )),
+    }
 }
 
 /// Restores every signal to its default action and unblocks all of them, so
@@ -456,5 +527,74 @@ pub fn fork_as_sibling() -> io::Result<Forked> {
         pid => Ok(Forked::Parent(nix::unistd::Pid::from_raw(
             pid as libc::pid_t,
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_descriptor_crosses_a_socketpair() {
+        let (ours, theirs) = pair();
+        let (read_end, write_end) = nix::unistd::pipe().unwrap();
+        send_fd(theirs.as_fd(), write_end.as_fd()).unwrap();
+        drop(write_end);
+        let received = recv_fd(ours.as_fd(), false).unwrap().expect("a descriptor");
+        let flags = fcntl(received.as_fd(), FcntlArg::F_GETFD).unwrap();
+        assert!(FdFlag::from_bits_retain(flags).contains(FdFlag::FD_CLOEXEC));
+        // It is the same pipe: what goes in comes out of our read end.
+        std::fs::File::from(received).write_all(b"hello").unwrap();
+        let mut text = String::new();
+        std::fs::File::from(read_end)
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(text, "hello");
+        // Nothing more was sent: without waiting that is WouldBlock ...
+        let err = recv_fd(ours.as_fd(), false).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+        // ... and once the peer is gone, end-of-file.
+        drop(theirs);
+        assert!(recv_fd(ours.as_fd(), true).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_message_without_a_descriptor_is_an_error() {
+        let (ours, theirs) = pair();
+        nix::unistd::write(&theirs, b"x").unwrap();
+        let err = recv_fd(ours.as_fd(), false).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("without a descriptor"), "{err}");
+    }
+
+    #[test]
+    fn extra_descriptors_are_refused() {
+        let (ours, theirs) = pair();
+        let (a, b) = nix::unistd::pipe().unwrap();
+        let fds = [a.as_raw_fd(), b.as_raw_fd()];
+        sendmsg::<()>(
+            theirs.as_raw_fd(),
+            &[IoSlice::new(b"f")],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        let err = recv_fd(ours.as_fd(), false).unwrap_err();
+        assert!(err.to_string().contains("2 descriptors"), "{err}");
     }
 }

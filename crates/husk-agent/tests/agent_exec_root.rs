@@ -169,6 +169,31 @@ async fn root_exec_stdin_user_env_and_signals() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn root_exec_terminal_without_devpts_fails_cleanly() {
+    let agent = Agent::start().await;
+    let rootfs = agent.rootfs("execnopts");
+    let mut spec = spec(&rootfs, &["sleep", "1000"]);
+    spec["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|m| m["destination"] != "/dev/pts");
+    agent.run("execnopts", &spec).await;
+    let mut process = exec_process(&["tty"]);
+    process["terminal"] = json!(true);
+    let (_, message) = status_of(agent.exec("execnopts", "t", &process).await.unwrap_err());
+    assert!(
+        message.contains("opening /dev/ptmx in the container") && message.contains("devpts"),
+        "{message}"
+    );
+    // The exec id is free again; without a terminal the exec works.
+    let (out, _, status) = agent
+        .exec_to_end("execnopts", "t", &exec_process(&["echo", "fine"]))
+        .await;
+    assert_eq!((status.exit_status, out.as_str()), (0, "fine\n"));
+    agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn root_exec_with_a_terminal_and_resize() {
     let agent = Agent::start().await;
     let rootfs = agent.rootfs("exectty");
@@ -178,7 +203,7 @@ async fn root_exec_with_a_terminal_and_resize() {
     let mut process = exec_process(&[
         "sh",
         "-c",
-        "test -t 0 && echo is-a-tty; stty size; read line; stty size",
+        "test -t 0 && echo is-a-tty; echo tty=$(tty); stty size; read line; stty size",
     ]);
     process["terminal"] = json!(true);
     process["consoleSize"] = json!({"height": 20, "width": 70});
@@ -231,6 +256,9 @@ async fn root_exec_with_a_terminal_and_resize() {
     out.extend(agent.read_all_of("exectty", "tty", false).await);
     let out = String::from_utf8_lossy(&out);
     assert!(out.contains("is-a-tty"), "{out:?}");
+    // The terminal is in the container's own devpts, so it has a name there.
+    let tty = support::line_value(&out, "tty").unwrap_or_default();
+    assert!(support::is_pts_name(tty), "tty printed {tty:?}: {out:?}");
     assert!(out.contains("40 120"), "{out:?}");
     assert_eq!(agent.read_all_of("exectty", "tty", true).await, b"");
     assert_eq!(

@@ -400,16 +400,62 @@ async fn root_terminal_process_sees_a_tty() {
         &[
             "sh",
             "-c",
-            "test -t 0 && test -t 1 && echo is-a-tty; stty size",
+            "test -t 0 && test -t 1 && echo is-a-tty; stty size; t=$(tty); echo tty=$t; \
+             echo console=$(stat -c %t:%T /dev/console) pty=$(stat -c %t:%T $t); \
+             echo owner=$(stat -c %u $t); ls /dev/pts",
         ],
     );
     spec["process"]["terminal"] = json!(true);
     spec["process"]["consoleSize"] = json!({"height": 33, "width": 101});
+    spec["process"]["user"] = json!({"uid": 1000, "gid": 1000});
     let (out, err, status) = agent.run_to_end("tty", &spec).await;
     assert_eq!(status.exit_status, 0, "{out}");
     assert_eq!(err, "", "stderr of a terminal process is empty");
     assert!(out.contains("is-a-tty"), "{out:?}");
     assert!(out.contains("33 101"), "{out:?}");
+    // The terminal is in the container's own devpts, so it has a name there.
+    let tty = support::line_value(&out, "tty").unwrap_or_default();
+    assert!(support::is_pts_name(tty), "tty printed {tty:?}: {out:?}");
+    // /dev/console is that terminal, and the process's user owns it.
+    let devices = support::line_value(&out, "console").unwrap_or_default();
+    let (console, pty) = devices
+        .split_once(" pty=")
+        .unwrap_or_else(|| panic!("no device numbers: {out:?}"));
+    assert!(!pty.is_empty() && console == pty, "{out:?}");
+    assert_eq!(support::line_value(&out, "owner"), Some("1000"), "{out:?}");
+    agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn root_terminal_failures_leave_nothing() {
+    let agent = Agent::start().await;
+    let rootfs = agent.rootfs("ttyfail");
+    // No devpts in the container: there is no /dev/ptmx to take a terminal
+    // from (runc fails the same way).
+    let mut spec = spec(&rootfs, &["true"]);
+    spec["process"]["terminal"] = json!(true);
+    spec["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|m| m["destination"] != "/dev/pts");
+    let (_, message) = status_of(agent.create("ttyfail", &spec).await.unwrap_err());
+    assert!(
+        message.contains("opening /dev/ptmx in the container") && message.contains("devpts"),
+        "{message}"
+    );
+    let (code, _) = status_of(agent.wait("ttyfail").await.unwrap_err());
+    assert_eq!(code, Code::NOT_FOUND);
+    // A failure after the terminal was sent: the missing program.
+    let mut spec = support::spec(&rootfs, &["nosuchcmd"]);
+    spec["process"]["terminal"] = json!(true);
+    let (code, message) = status_of(agent.create("ttyfail", &spec).await.unwrap_err());
+    assert_eq!(code, Code::INVALID_ARGUMENT, "{message}");
+    assert!(message.contains("\"nosuchcmd\""), "{message}");
+    // The id is free again and a terminal container works.
+    spec["process"]["args"] = json!(["sh", "-c", "tty"]);
+    let (out, _, status) = agent.run_to_end("ttyfail", &spec).await;
+    assert_eq!(status.exit_status, 0, "{out}");
+    assert!(support::is_pts_name(out.trim_end()), "{out:?}");
     agent.stop();
 }
 

@@ -436,3 +436,43 @@ async fn root_exec_in_a_user_namespace_with_seccomp() {
     assert_eq!(status.exit_status, 1);
     agent.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn root_terminals_in_a_user_namespace() {
+    let agent = Agent::start().await;
+    let rootfs = agent.rootfs("ttyns");
+    let status = std::process::Command::new("chown")
+        .args(["-R", "-h", "300000:300000"])
+        .arg(&rootfs)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let userns = |args: &[&str]| {
+        let mut spec = spec(&rootfs, args);
+        spec["linux"]["namespaces"] = json!([
+            {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "user"}
+        ]);
+        spec["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 300000, "size": 65536}]);
+        spec["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 300000, "size": 65536}]);
+        spec
+    };
+    // The init's terminal: from the devpts the container mounted in its
+    // user namespace, owned by its (mapped) root.
+    let mut spec = userns(&["sh", "-c", "t=$(tty); echo tty=$t owner=$(stat -c %u $t)"]);
+    spec["process"]["terminal"] = json!(true);
+    let (out, _, status) = agent.run_to_end("ttyns", &spec).await;
+    assert_eq!(status.exit_status, 0, "{out}");
+    let line = support::line_value(&out, "tty").unwrap_or_default();
+    let (tty, owner) = line.split_once(" owner=").unwrap_or((line, ""));
+    assert!(support::is_pts_name(tty), "{out:?}");
+    assert_eq!(owner, "0", "{out:?}");
+    // An exec's terminal in a container without one.
+    agent.run("ttyns2", &userns(&["sleep", "1000"])).await;
+    let mut process = support::exec_process(&["sh", "-c", "echo tty=$(tty)"]);
+    process["terminal"] = json!(true);
+    let (out, _, status) = agent.exec_to_end("ttyns2", "t", &process).await;
+    assert_eq!(status.exit_status, 0, "{out}");
+    let tty = support::line_value(&out, "tty").unwrap_or_default();
+    assert!(support::is_pts_name(tty), "{out:?}");
+    agent.stop();
+}

@@ -100,3 +100,34 @@ pub fn read_pty(master: OwnedFd, timeout: Duration) -> String {
         .unwrap_or_else(|_| panic!("the pty did not close within {timeout:?}"));
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// What a container printed with `echo tty=$(tty)`: the value of the first
+/// `tty=` line of `text` (a terminal's output, so lines may end in `\r`).
+pub fn tty_line(text: &str) -> Option<&str> {
+    text.lines()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix("tty="))
+}
+
+/// Whether `name` is `/dev/pts/<digits>`: a terminal the container's own
+/// devpts knows (not `/dev/console` or "not a tty").
+pub fn is_pts_name(name: &str) -> bool {
+    name.strip_prefix("/dev/pts/")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pts_names() {
+        assert!(is_pts_name("/dev/pts/0"));
+        assert!(is_pts_name("/dev/pts/12"));
+        assert!(!is_pts_name("/dev/pts/"));
+        assert!(!is_pts_name("/dev/pts/ptmx"));
+        assert!(!is_pts_name("/dev/console"));
+        assert!(!is_pts_name("not a tty"));
+        assert_eq!(tty_line("x\r\ntty=/dev/pts/3\r\n"), Some("/dev/pts/3"));
+        assert_eq!(tty_line("tty\n"), None);
+    }
+}

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use husk_e2e::console::{read_pty, ConsoleSocket};
+use husk_e2e::console::{is_pts_name, read_pty, tty_line, ConsoleSocket};
 use husk_e2e::*;
 use nix::fcntl::{Flock, FlockArg};
 use serde_json::Value;
@@ -163,6 +163,49 @@ fn vm_create_start_state_kill_delete() {
 }
 
 #[test]
+fn vm_create_with_a_terminal_through_the_console_socket() {
+    become_subreaper();
+    let env = Env::new("tty");
+    let mut b = Bundle::busybox(&[
+        "sh",
+        "-c",
+        "test -t 0 && test -t 1 && echo is-a-tty; echo tty=$(tty); \
+         [ /dev/console -ef $(tty) ] && echo console-is-the-tty; exit 3",
+    ]);
+    b.spec["process"]["terminal"] = serde_json::json!(true);
+    b.save();
+    let sock = ConsoleSocket::bind(&env.dir.path().join("console.sock"));
+    let pid_file = env.dir.path().join("t.pid");
+    let args: Vec<&OsStr> = vec![
+        "create".as_ref(),
+        "--bundle".as_ref(),
+        b.dir().as_os_str(),
+        "--console-socket".as_ref(),
+        sock.path.as_os_str(),
+        "--pid-file".as_ref(),
+        pid_file.as_os_str(),
+        "t".as_ref(),
+    ];
+    let mut c = env.husk();
+    c.args(&args);
+    let dir = env.dir.path().join("t");
+    let created = std::thread::spawn(move || run_to_files(c, &dir, T));
+    let pty = sock.receive(T);
+    assert_exit(&created.join().unwrap(), 0);
+    let pid = read_pid(&pid_file);
+    assert_exit(&husk(&env, &["start", "t"]), 0);
+    let text = read_pty(pty.master, T);
+    assert_eq!(wait_exit_status(pid, T), Some(3), "{text:?}");
+    assert!(text.starts_with("is-a-tty\r\n"), "{text:?}");
+    // In the guest, the init's terminal is one of the container's devpts,
+    // and /dev/console is that terminal (issue #3: `tty` said /dev/console).
+    assert!(tty_line(&text).is_some_and(is_pts_name), "{text:?}");
+    assert!(text.contains("console-is-the-tty"), "{text:?}");
+    assert_exit(&husk(&env, &["delete", "t"]), 0);
+    env.assert_no_leaks();
+}
+
+#[test]
 fn vm_delete_of_a_created_container() {
     become_subreaper();
     let env = Env::new("delcreated");
@@ -241,7 +284,7 @@ fn vm_exec_ps_pause_resume_events() {
             "x",
             "sh",
             "-c",
-            "test -t 0 && test -t 1 && echo is-a-tty; exit 3",
+            "test -t 0 && test -t 1 && echo is-a-tty; echo tty=$(tty); exit 3",
         ]);
     let exec = std::thread::spawn(move || run_timeout(c, T));
     let pty = sock.receive(T);
@@ -249,7 +292,12 @@ fn vm_exec_ps_pause_resume_events() {
     let text = read_pty(pty.master, T);
     let o = exec.join().unwrap();
     assert_exit(&o, 3);
-    assert_eq!(text, "is-a-tty\r\n", "through a pty, lines end in \\r\\n");
+    assert!(
+        text.starts_with("is-a-tty\r\n"),
+        "through a pty, lines end in \\r\\n: {text:?}"
+    );
+    // In the guest, the exec's terminal is one of the container's devpts.
+    assert!(tty_line(&text).is_some_and(is_pts_name), "{text:?}");
 
     // --detach --pid-file: the pid stands for the process until it ends,
     // and exits with its status.

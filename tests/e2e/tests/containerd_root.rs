@@ -8,13 +8,15 @@ use std::time::Duration;
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
+use husk_e2e::console::{is_pts_name, tty_line};
 use husk_e2e::containerd::{pb_bytes, pb_uint, run_on_pty, shim_call, Containerd, IMAGE, RUNTIME};
 use husk_e2e::*;
 
-/// Checks it runs on a terminal, and prints the terminal's size once `ctr`
-/// has sent it (it resizes right after the start, so a fast process may
-/// see 0x0 first).
-const TTY_SCRIPT: &str = "[ -t 0 ] && [ -t 1 ] && echo on-a-tty; for i in $(seq 100); do \
+/// Checks it runs on a terminal, prints the terminal's name, and its size
+/// once `ctr` has sent it (it resizes right after the start, so a fast
+/// process may see 0x0 first).
+const TTY_SCRIPT: &str =
+    "[ -t 0 ] && [ -t 1 ] && echo on-a-tty; echo tty=$(tty); for i in $(seq 100); do \
     s=$(stty size 2>/dev/null); case \"$s\" in [1-9]*) break;; esac; sleep 0.1; done; echo size=$s";
 
 fn out(o: &std::process::Output) -> String {
@@ -129,6 +131,10 @@ fn ctrd_stdin_stdout_tty() {
     assert_eq!(code, Some(0), "output: {text}");
     assert!(text.contains("on-a-tty"), "output: {text}");
     assert!(
+        tty_line(&text).is_some_and(is_pts_name),
+        "a terminal of the container's devpts: {text}"
+    );
+    assert!(
         text.contains("size=24 80"),
         "the terminal's size reaches the guest: {text}"
     );
@@ -188,6 +194,10 @@ fn ctrd_task_start_exec_ps_metrics_pause_kill_delete() {
     assert!(
         text.contains("on-a-tty") && text.contains("size=24 80"),
         "output: {text}"
+    );
+    assert!(
+        tty_line(&text).is_some_and(is_pts_name),
+        "a terminal of the container's devpts: {text}"
     );
 
     // CloseIO ends an exec's stdin (after what was already written) while

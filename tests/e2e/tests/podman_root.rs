@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use husk_e2e::console::{is_pts_name, tty_line};
 use husk_e2e::podman::{Podman, Runtime, IMAGE, PODMAN_TIMEOUT};
 use husk_e2e::*;
 
@@ -223,16 +224,16 @@ fn run_tty(p: &Podman) {
         IMAGE,
         "sh",
         "-c",
-        "test -t 0 && test -t 1 && echo is-a-tty; exit 3",
+        "test -t 0 && test -t 1 && echo is-a-tty; echo tty=$(tty); exit 3",
     ]);
     assert_exit(&o, 3);
     // Through a pty, lines end in \r\n.
     let text = out(&o).replace('\r', "");
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.first(), Some(&"is-a-tty"), "{text:?}");
-    // Known gap (issue #3, open): the agent allocates the pty in the guest's
-    // /dev/pts, which the container's own devpts does not show, so `tty`
-    // prints /dev/console rather than /dev/pts/N. Not asserted until fixed.
+    // The pty comes from the container's own devpts, so it has a name there
+    // (issue #3: it used to be /dev/console).
+    assert!(tty_line(&text).is_some_and(is_pts_name), "{text:?}");
     p.assert_container_gone(&id.unwrap());
 }
 
@@ -356,12 +357,21 @@ fn kill_signals_then_rm(p: &Podman) {
 fn exec_tty_and_rm_force(p: &Podman) {
     let id = detached(p, "husk-e2e-exec-tty", "echo ready; exec sleep 100000");
     wait_for_log(p, &id, "ready");
-    let o = p.cmd(&["exec", "-t", &id, "sh", "-c", "test -t 0 && echo is-a-tty"]);
+    let o = p.cmd(&[
+        "exec",
+        "-t",
+        &id,
+        "sh",
+        "-c",
+        "test -t 0 && echo is-a-tty; echo tty=$(tty)",
+    ]);
     assert_exit(&o, 0);
     let text = out(&o).replace('\r', "");
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.first(), Some(&"is-a-tty"), "{text:?}");
-    // The /dev/pts/N name is the known gap described in run_tty.
+    // As in run_tty: a terminal of the container's devpts (it used to be
+    // "not a tty").
+    assert!(tty_line(&text).is_some_and(is_pts_name), "{text:?}");
     let o = p.cmd(&["exec", "-t", &id, "sh", "-c", "exit 6"]);
     assert_exit(&o, 6);
     // rm --force of a running container stops it and removes every trace.

@@ -14,11 +14,11 @@ use tokio::io::{AsyncWriteExt, BufReader};
 
 use super::exec_stage::{self, ExecConfig};
 use super::spec::{self, InitMessage};
-use super::stdio::{pipe, pipe_stdio, terminal_stdio};
-use super::{next_message, ContainerError, Containers, ExecSlot};
+use super::stdio::{self, pipe};
+use super::{next_message, stage, ContainerError, Containers, ExecSlot};
 use crate::process::spawn::{clone_exec, CloneExec};
 use crate::process::stdio::FdIo;
-use crate::process::{ExitStatus, Process};
+use crate::process::{wait_exit, ExitStatus, Process};
 
 /// Frees a reserved exec id unless the exec started.
 struct ExecReservation<'a> {
@@ -87,11 +87,10 @@ impl Containers {
             }
         };
 
-        let label = format!("{id}/{exec_id}");
-        let stdio = if process.terminal {
-            terminal_stdio(&label, process.console_size).map_err(io_err("allocating a terminal"))?
+        let (child_stdio, pending_stdio) = if process.terminal {
+            stdio::terminal().map_err(io_err("preparing the terminal's console socket"))?
         } else {
-            pipe_stdio(&label).map_err(io_err("creating stdio pipes"))?
+            stdio::pipes().map_err(io_err("creating stdio pipes"))?
         };
         let config = ExecConfig {
             init_pid: container.process.pid().as_raw(),
@@ -105,18 +104,22 @@ impl Containers {
         let (status_r, status_w) = pipe().map_err(io_err("creating the status pipe"))?;
         let (start_r, start_w) = pipe().map_err(io_err("creating the start pipe"))?;
         let argv = [CString::from(c"husk-agent"), CString::from(c"exec")];
+        let mut fds = vec![
+            (child_stdio.fds[0].as_fd(), 0),
+            (child_stdio.fds[1].as_fd(), 1),
+            (child_stdio.fds[2].as_fd(), 2),
+            (config_r.as_fd(), exec_stage::CONFIG_FD),
+            (status_w.as_fd(), stage::STATUS_FD),
+            (start_r.as_fd(), exec_stage::START_FD),
+        ];
+        if let Some(socket) = &child_stdio.console_socket {
+            fds.push((socket.as_fd(), stage::CONSOLE_FD));
+        }
         let request = CloneExec {
             namespaces: nix::sched::CloneFlags::empty(),
             program: &self.options.agent_exe,
             argv: &argv,
-            fds: vec![
-                (stdio.child[0].as_fd(), 0),
-                (stdio.child[1].as_fd(), 1),
-                (stdio.child[2].as_fd(), 2),
-                (config_r.as_fd(), exec_stage::CONFIG_FD),
-                (status_w.as_fd(), super::stage::STATUS_FD),
-                (start_r.as_fd(), exec_stage::START_FD),
-            ],
+            fds,
             parent_death_signal: self.options.die_with_agent.then_some(Signal::SIGKILL),
             hold_fd: None,
             become_userns_root: false,
@@ -128,7 +131,7 @@ impl Containers {
             .spawn(|| clone_exec(&request))
             .map_err(io_err("starting the exec stage (clone)"))?;
         drop(request);
-        drop((stdio.child, config_r, status_w, start_r));
+        drop((child_stdio, config_r, status_w, start_r));
         tracing::debug!(
             container = id,
             exec = exec_id,
@@ -166,6 +169,15 @@ impl Containers {
         };
         let exit = self.reaper.adopt(&window, pid);
         drop(window);
+        // With a terminal, the stage sent its master before the pid.
+        let stdio = match pending_stdio.finish(&format!("container {id}, exec {exec_id}")) {
+            Ok(stdio) => stdio,
+            Err(source) => {
+                let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
+                wait_exit(pid, &exit).await;
+                return Err(failed(format!("taking over its stdio: {source}"), false));
+            }
+        };
         let process = Process::new(
             pid,
             exit,

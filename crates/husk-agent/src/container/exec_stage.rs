@@ -7,8 +7,11 @@
 //! does not share with the agent, and `/proc/<init>/root`, joins them (user
 //! first, mount last), enters the init's root, and forks once more
 //! (`CLONE_PARENT`, so the new process is the agent's child and the agent
-//! reaps it; the fork also puts it into the container's PID namespace). The
-//! stage reports the new pid on fd 4 and exits. The new process waits on
+//! reaps it; the fork also puts it into the container's PID namespace).
+//! With `process.terminal` it first allocates the terminal from the
+//! container's `/dev/ptmx` (as fds 0-2, inherited by the new process) and
+//! sends the master to the agent on fd 6. The stage reports the new pid on
+//! fd 4 and exits. The new process waits on
 //! fd 5 until the agent has placed it in the container's cgroup, then
 //! takes the process's limits, user, capabilities and seccomp filter and
 //! execs; fd 4 is close-on-exec, so the agent reads end-of-file once the
@@ -106,7 +109,7 @@ fn open_namespaces(init: i32) -> Result<Vec<(OwnedFd, CloneFlags, &'static str)>
 }
 
 fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
-    sys::close_fds_from(START_FD as u32 + 1);
+    sys::close_fds_from(stage::CONSOLE_FD as u32 + 1);
     let config = read_config()?;
     let start = File::from(step(sys::take_inherited_fd(START_FD), || {
         "taking the start pipe (fd 5)".to_string()
@@ -114,6 +117,7 @@ fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
     step(sys::set_cloexec(start.as_fd(), true), || {
         "marking the start pipe close-on-exec".to_string()
     })?;
+    let console_socket = stage::take_console_socket(&config.process)?;
     let init = config.init_pid;
     let joins = open_namespaces(init)?;
     let root = step(
@@ -137,6 +141,11 @@ fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
         "chroot into the container's root".to_string()
     })?;
     drop(root);
+    if let Some(socket) = console_socket {
+        // Before the fork: the master is on its way to the agent before
+        // the pid is reported, and the new process inherits the slave.
+        stage::setup_terminal(socket, &config.process, false)?;
+    }
 
     match step(sys::fork_as_sibling(), || {
         "forking the exec'd process".to_string()

@@ -3,9 +3,11 @@
 //! The agent clones itself into the container's new namespaces and execs this
 //! stage (see `process/spawn.rs`). It is single-threaded and owns nothing of
 //! the agent, so it may do anything: it reads its instructions from fd 3,
-//! builds the container's filesystem, pivots into it, takes the container's
-//! identity, reports `Ready` on fd 4, blocks until the agent writes to fd 5
-//! (runc's create/start split) and execs the container's program.
+//! builds the container's filesystem, pivots into it, with `process.terminal`
+//! allocates the terminal from the container's `/dev/ptmx` and sends its
+//! master to the agent on fd 6, takes the container's identity, reports
+//! `Ready` on fd 4, blocks until the agent writes to fd 5 (runc's
+//! create/start split) and execs the container's program.
 //!
 //! Failures go to fd 4 as an [`InitMessage::Error`]; fd 4 is close-on-exec,
 //! so the agent reads end-of-file once the program runs.
@@ -56,8 +58,8 @@ fn read_config() -> Result<InitConfig, StageError> {
 }
 
 fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
-    // Nothing but fds 0-5 belongs to the container.
-    sys::close_fds_from(START_FD as u32 + 1);
+    // Nothing but fds 0-6 belongs to the container.
+    sys::close_fds_from(stage::CONSOLE_FD as u32 + 1);
     let config = read_config()?;
     let start = File::from(step(sys::take_inherited_fd(START_FD), || {
         "taking the start pipe (fd 5)".to_string()
@@ -65,6 +67,7 @@ fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
     step(sys::set_cloexec(start.as_fd(), true), || {
         "marking the start pipe close-on-exec".to_string()
     })?;
+    let console_socket = stage::take_console_socket(&config.process)?;
     // Mount points and the working directory are created 0755, like runc.
     umask(Mode::from_bits_truncate(0o022));
     if config.cgroup_namespace {
@@ -76,13 +79,16 @@ fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
     }
 
     step(unistd::setsid(), || "creating a session".to_string())?;
-    if config.process.terminal {
+
+    setup_rootfs(&config, reporter)?;
+    // After the container's mounts (its devpts) and before the read-only
+    // and masked paths, as runc does.
+    if let Some(socket) = console_socket {
+        stage::setup_terminal(socket, &config.process, true)?;
         step(sys::set_controlling_terminal(io::stdin().as_fd()), || {
             "making the terminal the controlling terminal".to_string()
         })?;
     }
-
-    setup_rootfs(&config, reporter)?;
     finish_filesystem(&config, reporter)?;
     if let Some(hostname) = &config.hostname {
         step(unistd::sethostname(hostname), || {
@@ -170,26 +176,6 @@ fn setup_rootfs(config: &InitConfig, reporter: &Reporter) -> Result<(), StageErr
     }
     for device in &config.devices {
         create_device(rootfs, device)?;
-    }
-    if let Some(console) = &config.console {
-        let target = resolve_in_root(rootfs, Path::new("/dev/console"))
-            .and_then(|t| ensure_file(&t).map(|()| t));
-        let target = step(target, || "creating /dev/console".to_string())?;
-        step(
-            mount(
-                Some(console),
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            ),
-            || {
-                format!(
-                    "bind-mounting the terminal {} on /dev/console",
-                    console.display()
-                )
-            },
-        )?;
     }
     enter_rootfs(rootfs)?;
     if let Some(flags) = config.rootfs_propagation {

@@ -33,15 +33,15 @@ use crate::cgroup::oom::OomEvents;
 use crate::cgroup::{Cgroup, CgroupError, CgroupRoot};
 use crate::process::spawn::{clone_exec, CloneExec};
 use crate::process::stdio::FdIo;
-use crate::process::{ExitStatus, Process, Reaper, SignalError, StdinError};
+use crate::process::{wait_exit, ExitStatus, Process, Reaper, SignalError, StdinError};
 use crate::seccomp::SeccompProgram;
 use spec::{InitConfig, InitMessage, SpecError};
-use stdio::{pipe, pipe_stdio, terminal_stdio};
+use stdio::pipe;
 use storage::StorageError;
 
 /// The descriptor number the cloned init reads its hold byte from, before
-/// it execs (the init stage closes everything above fd 5 anyway).
-const HOLD_FD: i32 = 6;
+/// it execs (it closes it then; the init stage keeps only fds 0-6).
+const HOLD_FD: i32 = 7;
 
 /// Why a container operation failed. `crate::error` maps these to ttrpc codes.
 #[derive(Debug, thiserror::Error)]
@@ -523,16 +523,8 @@ impl Containers {
             .unwrap_or_default();
         let cgroup = self.create_cgroup(id, resources, device_nodes)?;
         let t_cgroup = t0.elapsed();
-        let console_size = config.process.console_size;
         let spawned = self
-            .spawn_init(
-                id,
-                &mut config,
-                namespaces,
-                console_size,
-                cgroup.as_ref(),
-                id_maps.as_ref(),
-            )
+            .spawn_init(id, &config, namespaces, cgroup.as_ref(), id_maps.as_ref())
             .await;
         tracing::debug!(
             container = id,
@@ -674,13 +666,13 @@ impl Containers {
         Ok(())
     }
 
-    /// Clones the init stage, feeds it the config and waits for `Ready`.
+    /// Clones the init stage, feeds it the config and waits for `Ready`
+    /// (and, with a terminal, the master it allocated in the container).
     async fn spawn_init(
         &self,
         id: &str,
-        config: &mut InitConfig,
+        config: &InitConfig,
         namespaces: nix::sched::CloneFlags,
-        console_size: Option<(u16, u16)>,
         cgroup: Option<&Cgroup>,
         id_maps: Option<&(String, String)>,
     ) -> Result<(Process, InitControl), ContainerError> {
@@ -691,12 +683,11 @@ impl Containers {
                 source,
             }
         };
-        let stdio = if config.process.terminal {
-            terminal_stdio(id, console_size).map_err(io_err("allocating a terminal"))?
+        let (child_stdio, pending_stdio) = if config.process.terminal {
+            stdio::terminal().map_err(io_err("preparing the terminal's console socket"))?
         } else {
-            pipe_stdio(id).map_err(io_err("creating stdio pipes"))?
+            stdio::pipes().map_err(io_err("creating stdio pipes"))?
         };
-        config.console = stdio.console.clone();
         let json = serde_json::to_vec(config).map_err(|e| ContainerError::Io {
             id: id.to_string(),
             what: "encoding the init instructions",
@@ -708,19 +699,23 @@ impl Containers {
         let (hold_r, hold_w) = pipe().map_err(io_err("creating the hold pipe"))?;
 
         let argv = [CString::from(c"husk-agent"), CString::from(c"init")];
+        let mut fds = vec![
+            (child_stdio.fds[0].as_fd(), 0),
+            (child_stdio.fds[1].as_fd(), 1),
+            (child_stdio.fds[2].as_fd(), 2),
+            (config_r.as_fd(), init::CONFIG_FD),
+            (status_w.as_fd(), init::STATUS_FD),
+            (start_r.as_fd(), init::START_FD),
+            (hold_r.as_fd(), HOLD_FD),
+        ];
+        if let Some(socket) = &child_stdio.console_socket {
+            fds.push((socket.as_fd(), stage::CONSOLE_FD));
+        }
         let request = CloneExec {
             namespaces,
             program: &self.options.agent_exe,
             argv: &argv,
-            fds: vec![
-                (stdio.child[0].as_fd(), 0),
-                (stdio.child[1].as_fd(), 1),
-                (stdio.child[2].as_fd(), 2),
-                (config_r.as_fd(), init::CONFIG_FD),
-                (status_w.as_fd(), init::STATUS_FD),
-                (start_r.as_fd(), init::START_FD),
-                (hold_r.as_fd(), HOLD_FD),
-            ],
+            fds,
             parent_death_signal: self.options.die_with_agent.then_some(Signal::SIGKILL),
             hold_fd: Some(HOLD_FD),
             become_userns_root: id_maps.is_some(),
@@ -733,23 +728,14 @@ impl Containers {
             .spawn(|| clone_exec(&request))
             .map_err(io_err("starting the container init (clone)"))?;
         drop(request);
-        drop((stdio.child, config_r, status_w, start_r, hold_r));
+        drop((child_stdio, config_r, status_w, start_r, hold_r));
         tracing::debug!(container = id, pid = pid.as_raw(), "container init started");
-        let process = Process::new(
-            pid,
-            exit,
-            stdio.stdin,
-            stdio.stdout,
-            stdio.stderr,
-            stdio.pumps,
-        )
-        .with_terminal(stdio.master);
 
         // The init waits before exec for its cgroup and its id maps.
         let placed = prepare_held_init(pid, cgroup, id_maps);
         if let Err(error) = placed {
             let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
-            process.wait().await;
+            wait_exit(pid, &exit).await;
             return Err(match error {
                 HoldError::Cgroup(source) => ContainerError::Cgroup {
                     id: id.to_string(),
@@ -798,15 +784,35 @@ impl Containers {
             }
         };
         if let Some(error) = failure {
-            let _ = self.reaper.signal(process.pid(), Signal::SIGKILL as i32);
-            let exit = process.wait().await;
+            let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
+            let status = wait_exit(pid, &exit).await;
             return Err(match error {
-                ContainerError::InitDied { id, .. } => {
-                    ContainerError::InitDied { id, status: exit }
-                }
+                ContainerError::InitDied { id, .. } => ContainerError::InitDied { id, status },
                 other => other,
             });
         }
+        // With a terminal, the init sent its master before it reported Ready.
+        let stdio = match pending_stdio.finish(&format!("container {id}")) {
+            Ok(stdio) => stdio,
+            Err(source) => {
+                let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
+                wait_exit(pid, &exit).await;
+                return Err(ContainerError::Io {
+                    id: id.to_string(),
+                    what: "taking over the init's stdio",
+                    source,
+                });
+            }
+        };
+        let process = Process::new(
+            pid,
+            exit,
+            stdio.stdin,
+            stdio.stdout,
+            stdio.stderr,
+            stdio.pumps,
+        )
+        .with_terminal(stdio.master);
         let start = File::from(start_w);
         Ok((process, InitControl { start, status }))
     }

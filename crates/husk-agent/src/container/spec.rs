@@ -115,7 +115,7 @@ pub struct ProcessConfig {
     pub additional_gids: Vec<u32>,
     /// File mode creation mask, if the spec sets one.
     pub umask: Option<u32>,
-    /// Whether stdio is a terminal (set up by the agent).
+    /// Whether stdio is a terminal (allocated by the stage in the container).
     pub terminal: bool,
     /// Resource limits.
     pub rlimits: Vec<Rlimit>,
@@ -153,8 +153,6 @@ pub struct InitConfig {
     pub readonly_paths: Vec<PathBuf>,
     /// `linux.sysctl`, sorted by key.
     pub sysctl: Vec<(String, String)>,
-    /// The terminal to bind at `/dev/console` (filled in by the agent).
-    pub console: Option<PathBuf>,
     /// Create a cgroup namespace once the agent placed the init in its
     /// cgroup (so the container's cgroup is its root).
     pub cgroup_namespace: bool,
@@ -291,7 +289,6 @@ pub fn translate(spec: &Spec) -> Result<InitConfig, SpecError> {
         masked_paths: paths(linux.and_then(|l| l.masked_paths().as_ref())),
         readonly_paths: paths(linux.and_then(|l| l.readonly_paths().as_ref())),
         sysctl,
-        console: None,
         cgroup_namespace,
         seccomp,
         process,

@@ -1,24 +1,26 @@
 //! What the init stage (`husk-agent init`) and the exec stage (`husk-agent
-//! exec`) share: their error type and status reporting, and the last steps
-//! of every container process: resource limits, working directory, user,
-//! capabilities (runc's order), `no_new_privs`, the program lookup, seccomp
-//! and `execve`.
+//! exec`) share: their error type and status reporting, the terminal, and
+//! the last steps of every container process: resource limits, working
+//! directory, user, capabilities (runc's order), `no_new_privs`, the
+//! program lookup, seccomp and `execve`.
 
 use std::convert::Infallible;
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::fd::{AsFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
+use nix::fcntl::{open, OFlag};
+use nix::mount::{mount, MsFlags};
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::stat::{umask, Mode};
 use nix::unistd::{self, AccessFlags, Gid, Uid};
 use oci_spec::runtime::PosixRlimitType;
 
-use super::mounts::MountError;
+use super::mounts::{ensure_file, MountError};
 use super::spec::{find_program, path_of, InitMessage, LookupError, ProcessConfig};
 use crate::caps;
 use crate::seccomp::SeccompProgram;
@@ -26,6 +28,9 @@ use crate::sys;
 
 /// Where a stage writes [`InitMessage`]s, one JSON object per line.
 pub const STATUS_FD: RawFd = 4;
+/// Where a stage whose process has a terminal finds its end of the console
+/// socket, on which it sends the terminal's master to the agent.
+pub const CONSOLE_FD: RawFd = 6;
 
 /// A failed stage step.
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +141,111 @@ pub fn run_stage(name: &str, run: fn(&Reporter) -> Result<Infallible, StageError
         invalid_spec,
     });
     std::process::exit(code)
+}
+
+/// The console socket (fd 6) of a stage whose process has a terminal;
+/// `None` without one.
+pub fn take_console_socket(process: &ProcessConfig) -> Result<Option<OwnedFd>, StageError> {
+    if !process.terminal {
+        return Ok(None);
+    }
+    let socket = step(sys::take_inherited_fd(CONSOLE_FD), || {
+        "taking the console socket (fd 6) for process.terminal".to_string()
+    })?;
+    step(sys::set_cloexec(socket.as_fd(), true), || {
+        "marking the console socket close-on-exec".to_string()
+    })?;
+    Ok(Some(socket))
+}
+
+/// Allocates the process's terminal as runc does: from the container's own
+/// `/dev/ptmx`, so that the pty belongs to the container's devpts and the
+/// process sees itself on `/dev/pts/N`. Sets `process.consoleSize`, with
+/// `console` bind-mounts the slave on `/dev/console` (the init), makes the
+/// slave fds 0, 1 and 2, owned by the process's uid (as runc's
+/// `fixStdioPermissions`), and sends the master to the agent on `socket`.
+///
+/// Must run inside the container's mount namespace and root, after its
+/// mounts. Making the slave the controlling terminal is left to the caller,
+/// which must be a session leader by then.
+pub fn setup_terminal(
+    socket: OwnedFd,
+    process: &ProcessConfig,
+    console: bool,
+) -> Result<(), StageError> {
+    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
+    // posix_openpt opens /dev/ptmx, which (a `pts/ptmx` symlink, or a
+    // device node the kernel resolves to the devpts next to it) reaches the
+    // container's devpts instance.
+    let master = step(
+        posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC),
+        || {
+            "opening /dev/ptmx in the container for process.terminal (the container needs a devpts mounted on /dev/pts)".to_string()
+        },
+    )?;
+    step(grantpt(&master), || "grantpt on the terminal".to_string())?;
+    step(unlockpt(&master), || "unlocking the terminal".to_string())?;
+    let slave = step(ptsname_r(&master), || {
+        "finding the terminal's name in the container's /dev/pts".to_string()
+    })?;
+    if let Some((rows, cols)) = process.console_size {
+        step(sys::set_window_size(master.as_fd(), rows, cols), || {
+            format!(
+                "setting the terminal size to {rows} rows, {cols} columns (process.consoleSize)"
+            )
+        })?;
+    }
+    if console {
+        bind_console(&slave)?;
+    }
+    let fd = step(
+        open(
+            slave.as_str(),
+            OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ),
+        || format!("opening the terminal {slave}"),
+    )?;
+    // The slave belongs to whoever opened the master (root); the process's
+    // user should own its terminal. Keep the group (the devpts `gid=`). An
+    // owner or uid this user namespace does not map cannot be changed, and
+    // is left as runc leaves it.
+    match unistd::fchown(&fd, Some(Uid::from_raw(process.uid)), None) {
+        Ok(()) | Err(Errno::EINVAL) | Err(Errno::EPERM) => {}
+        Err(e) => step(Err(e), || {
+            format!("giving the terminal {slave} to uid {}", process.uid)
+        })?,
+    }
+    step(unistd::dup2_stdin(&fd), || {
+        format!("making the terminal {slave} stdin")
+    })?;
+    step(unistd::dup2_stdout(&fd), || {
+        format!("making the terminal {slave} stdout")
+    })?;
+    step(unistd::dup2_stderr(&fd), || {
+        format!("making the terminal {slave} stderr")
+    })?;
+    // Last, so that a master the agent holds is a terminal fully set up.
+    step(sys::send_fd(socket.as_fd(), master.as_fd()), || {
+        "sending the terminal master to the agent (console socket)".to_string()
+    })
+}
+
+/// Bind-mounts the terminal `slave` on `/dev/console` (created if missing),
+/// as runc does for a container's init.
+fn bind_console(slave: &str) -> Result<(), StageError> {
+    let console = Path::new("/dev/console");
+    step(ensure_file(console), || "creating /dev/console".to_string())?;
+    step(
+        mount(
+            Some(slave),
+            console,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        ),
+        || format!("bind-mounting the terminal {slave} on /dev/console"),
+    )
 }
 
 fn rlimit_resource(typ: PosixRlimitType) -> Resource {

@@ -1,14 +1,19 @@
-//! The stdio of a container's init: three pipes, or a terminal (pty) whose
-//! master carries both directions and whose slave becomes the init's
-//! controlling terminal and `/dev/console`.
+//! The stdio of a container process (an init or an exec): three pipes, or a
+//! terminal (pty) whose master carries both directions.
+//!
+//! The terminal is not allocated here: the stage allocates it inside the
+//! container, from the container's own `/dev/ptmx`, once the container's
+//! mounts are done (see `stage::setup_terminal`), so that the pty lives in
+//! the container's devpts and the process sees itself on `/dev/pts/N`. The
+//! stage sends the master back on a unix socket (`SCM_RIGHTS`) before it
+//! reports success; until then its fds 0-2 are `/dev/null`.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use nix::fcntl::OFlag;
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
 use crate::process::stdio::{spawn_pump, FdIo, OUTPUT_BUFFER_CAPACITY};
 use crate::process::{OutputBuffer, Stdin};
@@ -18,10 +23,38 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(nix::unistd::pipe2(OFlag::O_CLOEXEC)?)
 }
 
-/// The stdio of a new init: what the child gets, and what the agent keeps.
+/// What a stage is started with; the agent closes its copies once the stage
+/// is cloned.
+pub struct ChildStdio {
+    /// Fds 0, 1, 2 of the stage: the pipes, or `/dev/null` until the stage
+    /// has made its terminal.
+    pub fds: [OwnedFd; 3],
+    /// The stage's end of the console socket, for a terminal (it goes to
+    /// `stage::CONSOLE_FD`).
+    pub console_socket: Option<OwnedFd>,
+}
+
+/// The agent's ends of a process's stdio while its stage runs.
+pub enum PendingStdio {
+    /// The ends of the three pipes.
+    Pipes {
+        /// Write end of stdin.
+        stdin: OwnedFd,
+        /// Read end of stdout.
+        stdout: OwnedFd,
+        /// Read end of stderr.
+        stderr: OwnedFd,
+    },
+    /// The agent's end of the console socket, where the terminal master
+    /// arrives.
+    Terminal {
+        /// The socket.
+        socket: OwnedFd,
+    },
+}
+
+/// The stdio of a started process, as the agent keeps it.
 pub struct Stdio {
-    /// Fds 0, 1, 2 of the child.
-    pub child: [OwnedFd; 3],
     /// The agent's end of stdin.
     pub stdin: Stdin,
     /// Stdout as read by the agent.
@@ -30,74 +63,131 @@ pub struct Stdio {
     pub stderr: Arc<OutputBuffer>,
     /// The tasks filling the buffers.
     pub pumps: Vec<tokio::task::JoinHandle<()>>,
-    /// The terminal's slave path, for `/dev/console`.
-    pub console: Option<PathBuf>,
     /// The terminal master (for resizing).
     pub master: Option<OwnedFd>,
 }
 
-/// A pty of `size` (rows, columns) for container `id`.
-pub fn terminal_stdio(id: &str, size: Option<(u16, u16)>) -> io::Result<Stdio> {
-    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
-    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
-    grantpt(&master)?;
-    unlockpt(&master)?;
-    let slave_path = PathBuf::from(ptsname_r(&master)?);
-    let slave: OwnedFd = std::fs::OpenOptions::new()
+/// Three pipes.
+pub fn pipes() -> io::Result<(ChildStdio, PendingStdio)> {
+    let (stdin_r, stdin_w) = pipe()?;
+    let (stdout_r, stdout_w) = pipe()?;
+    let (stderr_r, stderr_w) = pipe()?;
+    Ok((
+        ChildStdio {
+            fds: [stdin_r, stdout_w, stderr_w],
+            console_socket: None,
+        },
+        PendingStdio::Pipes {
+            stdin: stdin_w,
+            stdout: stdout_r,
+            stderr: stderr_r,
+        },
+    ))
+}
+
+/// A terminal the stage will allocate in the container: `/dev/null` as its
+/// stdio until then, and a socket pair for the master.
+pub fn terminal() -> io::Result<(ChildStdio, PendingStdio)> {
+    let null: OwnedFd = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(&slave_path)?
+        .open("/dev/null")?
         .into();
-    let master = OwnedFd::from(master);
-    if let Some((rows, cols)) = size {
-        crate::sys::set_window_size(master.as_fd(), rows, cols)?;
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    Ok((
+        ChildStdio {
+            fds: [null.try_clone()?, null.try_clone()?, null],
+            console_socket: Some(theirs),
+        },
+        PendingStdio::Terminal { socket: ours },
+    ))
+}
+
+impl PendingStdio {
+    /// The agent's side of the stdio of process `label`, once its stage
+    /// reported success (`Ready`, or the exec'd pid). A stage sends its
+    /// terminal master before it reports, so the master is already waiting
+    /// on the socket; its absence is an error, not a reason to wait.
+    pub fn finish(self, label: &str) -> io::Result<Stdio> {
+        match self {
+            Self::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => {
+                let stdout_buffer = OutputBuffer::new(OUTPUT_BUFFER_CAPACITY);
+                let stderr_buffer = OutputBuffer::new(OUTPUT_BUFFER_CAPACITY);
+                let pumps = vec![
+                    spawn_pump(
+                        FdIo::new(stdout)?,
+                        Arc::clone(&stdout_buffer),
+                        format!("stdout of {label}"),
+                    ),
+                    spawn_pump(
+                        FdIo::new(stderr)?,
+                        Arc::clone(&stderr_buffer),
+                        format!("stderr of {label}"),
+                    ),
+                ];
+                Ok(Stdio {
+                    stdin: Stdin::pipe(FdIo::new(stdin)?),
+                    stdout: stdout_buffer,
+                    stderr: stderr_buffer,
+                    pumps,
+                    master: None,
+                })
+            }
+            Self::Terminal { socket } => {
+                let master = receive_master(&socket)?;
+                terminal_stdio(label, master)
+            }
+        }
     }
+}
+
+/// The master the stage sent on the console socket.
+fn receive_master(socket: &OwnedFd) -> io::Result<OwnedFd> {
+    let missing = |why: &str| {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the stage reported success but sent no terminal master ({why})"),
+        )
+    };
+    match crate::sys::recv_fd(socket.as_fd(), false) {
+        Ok(Some(master)) => Ok(master),
+        Ok(None) => Err(missing("it closed the console socket")),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            Err(missing("nothing on the console socket"))
+        }
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("receiving the terminal master on the console socket: {e}"),
+        )),
+    }
+}
+
+/// The stdio of process `label` on the terminal whose master is `master`:
+/// one pump for its output, stdin written to the master, stderr at
+/// end-of-file.
+fn terminal_stdio(label: &str, master: OwnedFd) -> io::Result<Stdio> {
     let writer = master.try_clone()?;
     let resizer = master.try_clone()?;
     let stdout = OutputBuffer::new(OUTPUT_BUFFER_CAPACITY);
     let pump = spawn_pump(
         FdIo::terminal(master)?,
         Arc::clone(&stdout),
-        format!("the terminal of container {id}"),
+        format!("the terminal of {label}"),
     );
     Ok(Stdio {
-        child: [slave.try_clone()?, slave.try_clone()?, slave],
         stdin: Stdin::terminal(FdIo::new(writer)?),
         stdout,
         stderr: OutputBuffer::closed(),
         pumps: vec![pump],
-        console: Some(slave_path),
         master: Some(resizer),
-    })
-}
-
-/// Three pipes for container `id`.
-pub fn pipe_stdio(id: &str) -> io::Result<Stdio> {
-    let (stdin_r, stdin_w) = pipe()?;
-    let (stdout_r, stdout_w) = pipe()?;
-    let (stderr_r, stderr_w) = pipe()?;
-    let stdout = OutputBuffer::new(OUTPUT_BUFFER_CAPACITY);
-    let stderr = OutputBuffer::new(OUTPUT_BUFFER_CAPACITY);
-    let pumps = vec![
-        spawn_pump(
-            FdIo::new(stdout_r)?,
-            Arc::clone(&stdout),
-            format!("stdout of container {id}"),
-        ),
-        spawn_pump(
-            FdIo::new(stderr_r)?,
-            Arc::clone(&stderr),
-            format!("stderr of container {id}"),
-        ),
-    ];
-    Ok(Stdio {
-        child: [stdin_r, stdout_w, stderr_w],
-        stdin: Stdin::pipe(FdIo::new(stdin_w)?),
-        stdout,
-        stderr,
-        pumps,
-        console: None,
-        master: None,
     })
 }

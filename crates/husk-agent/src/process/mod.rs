@@ -121,20 +121,26 @@ impl Process {
 
     /// Waits until it has exited; returns at once when it already has.
     pub async fn wait(&self) -> ExitStatus {
-        let mut exit = self.exit.clone();
-        loop {
-            if let Some(status) = *exit.borrow_and_update() {
-                return status;
-            }
-            if exit.changed().await.is_err() {
-                // The reaper always publishes before it forgets a pid, so a
-                // closed channel with no status cannot happen; report it as
-                // a failure rather than hang.
-                return exit.borrow().unwrap_or_else(|| {
-                    tracing::error!(pid = self.pid.as_raw(), "exit status lost");
-                    ExitStatus::exited(255)
-                });
-            }
+        wait_exit(self.pid, &self.exit).await
+    }
+}
+
+/// Waits until the child `pid` whose exit `exit` reports has exited (for a
+/// child that has no [`Process`] yet); returns at once when it already has.
+pub async fn wait_exit(pid: Pid, exit: &ExitReceiver) -> ExitStatus {
+    let mut exit = exit.clone();
+    loop {
+        if let Some(status) = *exit.borrow_and_update() {
+            return status;
+        }
+        if exit.changed().await.is_err() {
+            // The reaper always publishes before it forgets a pid, so a
+            // closed channel with no status cannot happen; report it as a
+            // failure rather than hang.
+            return exit.borrow().unwrap_or_else(|| {
+                tracing::error!(pid = pid.as_raw(), "exit status lost");
+                ExitStatus::exited(255)
+            });
         }
     }
 }

@@ -17,7 +17,7 @@ use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
 use nix::unistd::Pid;
 
 /// The lowest number the parent duplicates the child's descriptors to, so
-/// that no source can collide with a target (targets are 0..=5).
+/// that no source can collide with a target (targets are 0..=7).
 const FIRST_STAGING_FD: RawFd = 16;
 
 /// What to start and how.

@@ -490,6 +490,22 @@ pub fn exec_process(args: &[&str]) -> Value {
     })
 }
 
+/// The value of the `KEY=value` line of `out` (a terminal's output, so
+/// lines may end in `\r`).
+pub fn line_value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    out.lines().find_map(|l| {
+        l.trim_end_matches('\r')
+            .strip_prefix(key)?
+            .strip_prefix('=')
+    })
+}
+
+/// Whether `name` is a terminal of the container's devpts: `/dev/pts/N`.
+pub fn is_pts_name(name: &str) -> bool {
+    name.strip_prefix("/dev/pts/")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// A request naming a container's init.
 pub fn process(id: &str) -> ProcessRequest {
     ProcessRequest {
