@@ -159,6 +159,29 @@ pub struct Env {
     pub config: PathBuf,
 }
 
+impl Drop for Env {
+    /// A test that failed half-way may leave its containers running (their
+    /// monitors, QEMU, virtiofsd all name this directory): kill them, so
+    /// that one failure does not leave VMs burning CPU under the next tests.
+    /// A passing test has checked that nothing is left (`assert_no_leaks`).
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let needle = self.dir.path().to_string_lossy().to_string();
+        for (pid, cmd) in processes_mentioning(&needle) {
+            eprintln!("killing what the failed test left: {pid} {cmd}");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        wait_until(Duration::from_secs(10), || {
+            processes_mentioning(&needle).is_empty()
+        });
+    }
+}
+
 /// Which shared filesystem a test forces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Share {
