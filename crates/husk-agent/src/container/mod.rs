@@ -505,13 +505,13 @@ impl Containers {
         self.mount_storages(storages).await?;
         let t_mount = t0.elapsed();
         let spec = spec::parse(spec_json)?;
-        let mut config = spec::translate(&spec)?;
+        let (mut config, ignored) = spec::translate(&spec)?;
         if !config.rootfs.is_dir() {
             return Err(ContainerError::RootfsMissing(config.rootfs.clone()));
         }
         let id_maps = spec::id_maps(&spec)?;
         let (namespaces, notes) = spec::clone_flags(&spec);
-        for note in notes.iter().chain(&spec::ignored_features(&spec)) {
+        for note in notes.iter().chain(&ignored) {
             tracing::warn!(container = id, "{note}");
         }
         let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());

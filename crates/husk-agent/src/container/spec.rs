@@ -200,14 +200,14 @@ fn no_nul(value: &str, what: &'static str) -> Result<(), SpecError> {
 }
 
 /// Translates a spec into init instructions, validating what the init stage
-/// relies on.
-pub fn translate(spec: &Spec) -> Result<InitConfig, SpecError> {
+/// relies on; with notes about what the guest ignores (for the log).
+pub fn translate(spec: &Spec) -> Result<(InitConfig, Vec<String>), SpecError> {
     let root = spec.root().as_ref().ok_or(SpecError::NoRoot)?;
     if !root.path().is_absolute() {
         return Err(SpecError::RelativeRoot(root.path().clone()));
     }
     let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
-    let (process, _) = translate_process(process)?;
+    let (process, mut notes) = translate_process(process)?;
 
     let mounts = spec
         .mounts()
@@ -271,14 +271,19 @@ pub fn translate(spec: &Spec) -> Result<InitConfig, SpecError> {
     }
 
     let seccomp = match linux.and_then(|l| l.seccomp().as_ref()) {
-        Some(profile) => Some(seccomp::compile(profile)?.0),
+        Some(profile) => {
+            let (program, seccomp_notes) = seccomp::compile(profile)?;
+            notes.extend(seccomp_notes);
+            Some(program)
+        }
         None => None,
     };
+    notes.extend(ignored_features(spec));
     let cgroup_namespace = linux
         .and_then(|l| l.namespaces().as_ref())
         .is_some_and(|n| n.iter().any(|ns| ns.typ() == LinuxNamespaceType::Cgroup));
 
-    Ok(InitConfig {
+    let config = InitConfig {
         rootfs: root.path().clone(),
         readonly_rootfs: root.readonly().unwrap_or(false),
         rootfs_propagation,
@@ -292,7 +297,8 @@ pub fn translate(spec: &Spec) -> Result<InitConfig, SpecError> {
         cgroup_namespace,
         seccomp,
         process,
-    })
+    };
+    Ok((config, notes))
 }
 
 /// Translates an OCI process (of the spec, or of ExecProcess), with notes
@@ -482,20 +488,12 @@ pub fn clone_flags(spec: &Spec) -> (CloneFlags, Vec<String>) {
     (flags, notes)
 }
 
-/// Spec features the agent ignores, for the log: the process's own notes
-/// (AppArmor, SELinux, unknown capabilities), seccomp notes, hooks (run by
-/// the host runtime) and the like.
-pub fn ignored_features(spec: &Spec) -> Vec<String> {
+/// Spec features the agent ignores beyond the process's and the seccomp
+/// profile's (which `translate` notes as it goes): hooks (run by the host
+/// runtime) and the like.
+fn ignored_features(spec: &Spec) -> Vec<String> {
     let mut notes = Vec::new();
-    if let Some(process) = spec.process() {
-        if let Ok((_, process_notes)) = translate_process(process) {
-            notes.extend(process_notes);
-        }
-    }
     if let Some(linux) = spec.linux() {
-        if let Some(Ok((_, seccomp_notes))) = linux.seccomp().as_ref().map(seccomp::compile) {
-            notes.extend(seccomp_notes);
-        }
         if linux
             .mount_label()
             .as_deref()
@@ -625,7 +623,7 @@ mod tests {
 
     #[test]
     fn translates_a_full_spec() {
-        let config = translate(&spec_of(runc_spec())).unwrap();
+        let (config, _) = translate(&spec_of(runc_spec())).unwrap();
         assert_eq!(config.rootfs, PathBuf::from("/run/husk/share/c1/rootfs"));
         assert!(config.readonly_rootfs);
         assert_eq!(config.hostname.as_deref(), Some("box"));
@@ -701,7 +699,7 @@ mod tests {
         let mut s = runc_spec();
         s["process"]["apparmorProfile"] = "docker-default".into();
         s["process"]["capabilities"]["bounding"] = serde_json::json!(["CAP_KILL"]);
-        let notes = ignored_features(&spec_of(s));
+        let (_, notes) = translate(&spec_of(s)).unwrap();
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(notes[0].contains("AppArmor"), "{notes:?}");
     }

@@ -53,8 +53,66 @@ pub enum SeccompError {
 pub struct SeccompProgram {
     /// `SECCOMP_FILTER_FLAG_*` bits.
     pub flags: u32,
-    /// The BPF program.
+    /// The BPF program; in JSON (the stages' instructions) one hex string
+    /// of the kernel's `struct sock_filter` layout: a thousand-instruction
+    /// profile as an array of objects cost the init stage milliseconds of
+    /// parsing under TCG.
+    #[serde(with = "filter_hex")]
     pub filter: Vec<SockFilter>,
+}
+
+/// `Vec<SockFilter>` as a hex string: per instruction `code` (2 bytes),
+/// `jt`, `jf`, `k` (4 bytes), little-endian, as the kernel lays it out.
+mod filter_hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::SockFilter;
+
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+
+    pub fn serialize<S: Serializer>(filter: &[SockFilter], s: S) -> Result<S::Ok, S::Error> {
+        let mut out = String::with_capacity(filter.len() * 16);
+        for insn in filter {
+            let mut bytes = [0u8; 8];
+            bytes[..2].copy_from_slice(&insn.code.to_le_bytes());
+            bytes[2] = insn.jt;
+            bytes[3] = insn.jf;
+            bytes[4..].copy_from_slice(&insn.k.to_le_bytes());
+            for b in bytes {
+                out.push(HEX[usize::from(b >> 4)] as char);
+                out.push(HEX[usize::from(b & 0xf)] as char);
+            }
+        }
+        s.serialize_str(&out)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SockFilter>, D::Error> {
+        let text = <&str>::deserialize(d)?;
+        let bad =
+            || serde::de::Error::custom("a seccomp filter must be hex, 16 digits per instruction");
+        if text.len() % 16 != 0 {
+            return Err(bad());
+        }
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            _ => Err(bad()),
+        };
+        let mut filter = Vec::with_capacity(text.len() / 16);
+        for chunk in text.as_bytes().chunks_exact(16) {
+            let mut bytes = [0u8; 8];
+            for (i, pair) in chunk.chunks_exact(2).enumerate() {
+                bytes[i] = (digit(pair[0])? << 4) | digit(pair[1])?;
+            }
+            filter.push(SockFilter {
+                code: u16::from_le_bytes([bytes[0], bytes[1]]),
+                jt: bytes[2],
+                jf: bytes[3],
+                k: u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
+            });
+        }
+        Ok(filter)
+    }
 }
 
 /// `SECCOMP_RET_*` values.

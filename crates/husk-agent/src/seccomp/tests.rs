@@ -312,3 +312,33 @@ fn podman_default_profile_compiles_and_behaves() {
     // Calls the profile does not name fail with ENOSYS (defaultErrnoRet).
     assert_eq!(call(&program, "add_key", [0; 6]), ret::ERRNO | 38);
 }
+
+#[test]
+fn programs_cross_to_the_stages_as_hex() {
+    let (program, _) = compile(&profile(json!({
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "defaultErrnoRet": 1,
+        "syscalls": [{"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"}]
+    })))
+    .unwrap();
+    let text = serde_json::to_string(&program).unwrap();
+    let hex = serde_json::from_str::<serde_json::Value>(&text).unwrap()["filter"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(hex.len(), program.filter.len() * 16);
+    // The first instruction loads the architecture: BPF_LD|BPF_W|BPF_ABS
+    // (0x20) at offset 4 of seccomp_data.
+    assert_eq!(&hex[..16], "2000000004000000");
+    let back: SeccompProgram = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, program);
+    for bad in [
+        r#"{"flags":0,"filter":"20000000"}"#,
+        r#"{"flags":0,"filter":"2000000004000x00"}"#,
+    ] {
+        assert!(
+            serde_json::from_str::<SeccompProgram>(bad).is_err(),
+            "{bad}"
+        );
+    }
+}
