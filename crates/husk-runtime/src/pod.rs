@@ -451,16 +451,7 @@ fn kill_if_mentions(pid: i32, dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn spec(annotations: serde_json::Value, resources: serde_json::Value) -> Spec {
-        serde_json::from_value(serde_json::json!({
-            "ociVersion": "1.0.2",
-            "root": {"path": "rootfs"},
-            "annotations": annotations,
-            "linux": {"resources": resources},
-        }))
-        .unwrap()
-    }
+    use crate::sizing::tests::spec;
 
     #[test]
     fn membership_follows_the_cri_annotations() {

@@ -146,10 +146,11 @@ pub fn vm_config(cfg: &Config, spec: &Spec, allowed: &[usize]) -> Result<Config,
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn spec(annotations: serde_json::Value, resources: serde_json::Value) -> Spec {
+    /// A spec with these annotations and `linux.resources`.
+    pub(crate) fn spec(annotations: serde_json::Value, resources: serde_json::Value) -> Spec {
         serde_json::from_value(serde_json::json!({
             "ociVersion": "1.0.2",
             "root": {"path": "rootfs"},

@@ -18,7 +18,7 @@ use super::stdio::{self, pipe};
 use super::{next_message, stage, ContainerError, Containers, ExecSlot};
 use crate::process::spawn::{clone_exec, CloneExec};
 use crate::process::stdio::FdIo;
-use crate::process::{wait_exit, ExitStatus, Process};
+use crate::process::{wait_exit, ExitStatus};
 
 /// Frees a reserved exec id unless the exec started.
 struct ExecReservation<'a> {
@@ -178,15 +178,7 @@ impl Containers {
                 return Err(failed(format!("taking over its stdio: {source}"), false));
             }
         };
-        let process = Process::new(
-            pid,
-            exit,
-            stdio.stdin,
-            stdio.stdout,
-            stdio.stderr,
-            stdio.pumps,
-        )
-        .with_terminal(stdio.master);
+        let process = stdio.into_process(pid, exit);
 
         if let Some(cgroup) = &container.cgroup {
             if let Err(source) = cgroup.add(pid.as_raw()) {

@@ -804,15 +804,7 @@ impl Containers {
                 });
             }
         };
-        let process = Process::new(
-            pid,
-            exit,
-            stdio.stdin,
-            stdio.stdout,
-            stdio.stderr,
-            stdio.pumps,
-        )
-        .with_terminal(stdio.master);
+        let process = stdio.into_process(pid, exit);
         let start = File::from(start_w);
         Ok((process, InitControl { start, status }))
     }

@@ -16,7 +16,7 @@ use nix::fcntl::OFlag;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
 use crate::process::stdio::{spawn_pump, FdIo, OUTPUT_BUFFER_CAPACITY};
-use crate::process::{OutputBuffer, Stdin};
+use crate::process::{ExitReceiver, OutputBuffer, Process, Stdin};
 
 /// A close-on-exec pipe: `(read end, write end)`.
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -65,6 +65,14 @@ pub struct Stdio {
     pub pumps: Vec<tokio::task::JoinHandle<()>>,
     /// The terminal master (for resizing).
     pub master: Option<OwnedFd>,
+}
+
+impl Stdio {
+    /// The agent's record of process `pid` with this stdio.
+    pub fn into_process(self, pid: nix::unistd::Pid, exit: ExitReceiver) -> Process {
+        Process::new(pid, exit, self.stdin, self.stdout, self.stderr, self.pumps)
+            .with_terminal(self.master)
+    }
 }
 
 /// Three pipes.
