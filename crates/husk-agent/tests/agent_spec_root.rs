@@ -468,11 +468,17 @@ async fn root_terminals_in_a_user_namespace() {
     assert_eq!(owner, "0", "{out:?}");
     // An exec's terminal in a container without one.
     agent.run("ttyns2", &userns(&["sleep", "1000"])).await;
-    let mut process = support::exec_process(&["sh", "-c", "echo tty=$(tty)"]);
+    // As uid 1000 of the namespace: the exec stage became the namespace's
+    // root before it opened the terminal, so it can give it to the user.
+    let mut process =
+        support::exec_process(&["sh", "-c", "t=$(tty); echo tty=$t owner=$(stat -c %u $t)"]);
     process["terminal"] = json!(true);
+    process["user"] = json!({"uid": 1000, "gid": 1000});
     let (out, _, status) = agent.exec_to_end("ttyns2", "t", &process).await;
     assert_eq!(status.exit_status, 0, "{out}");
-    let tty = support::line_value(&out, "tty").unwrap_or_default();
+    let line = support::line_value(&out, "tty").unwrap_or_default();
+    let (tty, owner) = line.split_once(" owner=").unwrap_or((line, ""));
     assert!(support::is_pts_name(tty), "{out:?}");
+    assert_eq!(owner, "1000", "{out:?}");
     agent.stop();
 }

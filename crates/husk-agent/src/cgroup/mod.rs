@@ -27,6 +27,9 @@ use resources::ResourceError;
 /// The controllers the agent enables for containers.
 pub const CONTROLLERS: &[&str] = &["cpu", "cpuset", "memory", "pids", "io"];
 
+/// How long [`Cgroup::freeze`] waits for the kernel to finish freezing.
+const FREEZE_WAIT: Duration = Duration::from_millis(200);
+
 /// The cgroup root of the agent as PID 1.
 pub const GUEST_ROOT: &str = "/sys/fs/cgroup/husk";
 
@@ -264,6 +267,33 @@ impl Cgroup {
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
+        }
+    }
+
+    /// Freezes every process in it (`cgroup.freeze`) and waits, briefly,
+    /// until the kernel says they are (`frozen 1` in `cgroup.events`);
+    /// false where the kernel cannot. [`Cgroup::thaw`] undoes it.
+    pub fn freeze(&self) -> bool {
+        if fs::write(self.path.join("cgroup.freeze"), "1").is_err() {
+            return false;
+        }
+        let events = self.path.join("cgroup.events");
+        let deadline = std::time::Instant::now() + FREEZE_WAIT;
+        while std::time::Instant::now() < deadline {
+            let frozen = fs::read_to_string(&events)
+                .is_ok_and(|text| text.lines().any(|line| line == "frozen 1"));
+            if frozen {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// Lets the processes of a frozen cgroup run again.
+    pub fn thaw(&self) {
+        if let Err(e) = fs::write(self.path.join("cgroup.freeze"), "0") {
+            tracing::warn!(cgroup = %self.path.display(), "thawing: {e}");
         }
     }
 

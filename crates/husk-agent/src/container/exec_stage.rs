@@ -26,7 +26,7 @@ use std::os::unix::fs::MetadataExt;
 use nix::fcntl::{open, OFlag};
 use nix::sched::{setns, CloneFlags};
 use nix::sys::stat::Mode;
-use nix::unistd;
+use nix::unistd::{self, Gid, Uid};
 use serde::{Deserialize, Serialize};
 
 use super::spec::{InitMessage, ProcessConfig};
@@ -108,6 +108,20 @@ fn open_namespaces(init: i32) -> Result<Vec<(OwnedFd, CloneFlags, &'static str)>
     Ok(joins)
 }
 
+/// Right after joining a user namespace, becomes its root (as runc's
+/// nsexec does), so that what the stage makes there, the terminal above
+/// all, belongs to an id the namespace maps and can be given to the
+/// process's user. Where the namespace does not map 0, the stage goes on
+/// as it is (the process's own ids are set later, by `become_user`).
+fn become_namespace_root() {
+    // In a namespace whose setgroups is "deny" this fails; that is fine.
+    let _ = unistd::setgroups(&[]);
+    let root_gid = Gid::from_raw(0);
+    let root_uid = Uid::from_raw(0);
+    let _ = unistd::setresgid(root_gid, root_gid, root_gid);
+    let _ = unistd::setresuid(root_uid, root_uid, root_uid);
+}
+
 fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
     sys::close_fds_from(stage::CONSOLE_FD as u32 + 1);
     let config = read_config()?;
@@ -132,6 +146,9 @@ fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
         step(setns(fd, *flag), || {
             format!("joining the container's {name} namespace")
         })?;
+        if *flag == CloneFlags::CLONE_NEWUSER {
+            become_namespace_root();
+        }
     }
     drop(joins);
     step(unistd::fchdir(&root), || {

@@ -899,7 +899,29 @@ impl Containers {
             0 => None,
             n => Some(Signal::try_from(n).map_err(|_| ContainerError::BadSignal(n))?),
         };
+        // Signal a frozen container (as runc does), so that none of its
+        // processes acts on a signal before the others have theirs: a shell
+        // init whose children die first would exit, and its PID namespace's
+        // end would SIGKILL the rest before they got the signal asked for.
+        let frozen = match (&container.cgroup, sig) {
+            (Some(cgroup), Some(s)) if s != Signal::SIGKILL => cgroup.freeze().then_some(cgroup),
+            _ => None,
+        };
         let pids = container.pids();
+        let signalled = self.signal_pids(id, &container, sig, pids);
+        if let Some(cgroup) = frozen {
+            cgroup.thaw();
+        }
+        signalled
+    }
+
+    fn signal_pids(
+        &self,
+        id: &str,
+        container: &Container,
+        sig: Option<Signal>,
+        pids: Vec<i32>,
+    ) -> Result<(), ContainerError> {
         if pids.is_empty() {
             return Err(ContainerError::Exited {
                 id: id.to_string(),
@@ -916,7 +938,7 @@ impl Containers {
         }
         tracing::debug!(
             container = id,
-            signal,
+            signal = sig.map_or(0, |s| s as i32),
             count = pids.len(),
             "signalling all processes"
         );
