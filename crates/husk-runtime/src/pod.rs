@@ -141,7 +141,7 @@ impl Pod {
         owner: &Bundle,
         agent_log: &str,
     ) -> Result<Pod, PodError> {
-        let cfg = sizing::vm_config(cfg, &owner.spec, &sizing::allowed_host_cpus())?;
+        let cfg = sizing::vm_config(cfg, &owner.spec, &sizing::Host::probe())?;
         let dir = SandboxDir::create(root, id)?;
         let dir_path = dir.path().to_path_buf();
         let me = std::process::id() as i32;

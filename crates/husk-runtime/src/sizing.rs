@@ -5,7 +5,8 @@
 //! - Memory: the configured `hypervisor.memory_mib` (what the guest kernel
 //!   and agent need) plus `linux.resources.memory.limit`, so the container
 //!   can use all it was given and the limit, applied in the guest, is what
-//!   stops it.
+//!   stops it; never more than the host's RAM (a larger limit means no limit
+//!   the host could honour).
 //! - vCPUs: the configured `hypervisor.vcpus` plus ⌈quota / period⌉ of
 //!   `linux.resources.cpu`, never more than the host CPUs husk may use.
 //! - Host CPUs: `linux.resources.cpu.cpus` names host CPUs. The guest's CPUs
@@ -72,22 +73,42 @@ pub fn format_cpu_list(cpus: &[usize]) -> String {
     out.join(",")
 }
 
-/// The host CPUs this process may run on (its affinity mask).
-pub fn allowed_host_cpus() -> Vec<usize> {
-    match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
-        Ok(set) => (0..nix::sched::CpuSet::count())
-            .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
-            .collect(),
-        Err(_) => {
-            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-            (0..n).collect()
-        }
+/// What the host offers a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    /// The CPUs husk may run on (its affinity mask).
+    pub cpus: Vec<usize>,
+    /// Its RAM (`MemTotal`).
+    pub memory_mib: u64,
+}
+
+impl Host {
+    /// This host, as seen by this process.
+    pub fn probe() -> Host {
+        let cpus = match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+            Ok(set) => (0..nix::sched::CpuSet::count())
+                .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+                .collect(),
+            Err(_) => {
+                let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+                (0..n).collect()
+            }
+        };
+        let memory_mib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map_or(u64::MAX, |kib| kib / 1024);
+        Host { cpus, memory_mib }
     }
 }
 
-/// The VM for the container whose spec is `spec`, on a host where husk may
-/// use the CPUs `allowed`.
-pub fn vm_config(cfg: &Config, spec: &Spec, allowed: &[usize]) -> Result<Config, SizingError> {
+/// The VM for the container whose spec is `spec`, on `host`.
+pub fn vm_config(cfg: &Config, spec: &Spec, host: &Host) -> Result<Config, SizingError> {
+    let allowed = &host.cpus[..];
     let mut out = cfg.clone();
     let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
     let memory_limit = annotation(spec, SANDBOX_MEMORY)
@@ -100,11 +121,16 @@ pub fn vm_config(cfg: &Config, spec: &Spec, allowed: &[usize]) -> Result<Config,
         })
         .filter(|l| *l > 0);
     if let Some(bytes) = memory_limit {
-        let mib = (bytes as u64).div_ceil(1 << 20);
-        out.hypervisor.memory_mib = cfg
-            .hypervisor
-            .memory_mib
-            .saturating_add(u32::try_from(mib).unwrap_or(u32::MAX));
+        let wanted = u64::from(cfg.hypervisor.memory_mib) + (bytes as u64).div_ceil(1 << 20);
+        let most = host.memory_mib.max(u64::from(cfg.hypervisor.memory_mib));
+        if wanted > most {
+            tracing::info!(
+                wanted_mib = wanted,
+                host_mib = host.memory_mib,
+                "the memory limit is more than the host has: the VM gets the host's RAM"
+            );
+        }
+        out.hypervisor.memory_mib = u32::try_from(wanted.min(most)).unwrap_or(u32::MAX);
     }
 
     let cpu = resources.as_ref().and_then(|r| r.cpu().clone());
@@ -174,10 +200,17 @@ pub(crate) mod tests {
         }
     }
 
+    fn host(cpus: usize) -> Host {
+        Host {
+            cpus: (0..cpus).collect(),
+            memory_mib: 16 * 1024,
+        }
+    }
+
     #[test]
     fn limits_size_the_vm() {
         let cfg = Config::default();
-        let eight: Vec<usize> = (0..8).collect();
+        let eight = host(8);
         let plain = spec(serde_json::json!({}), serde_json::json!({}));
         assert_eq!(vm_config(&cfg, &plain, &eight).unwrap(), cfg);
 
@@ -189,7 +222,7 @@ pub(crate) mod tests {
         assert_eq!(c.hypervisor.memory_mib, cfg.hypervisor.memory_mib + 32);
         assert_eq!(c.hypervisor.vcpus, cfg.hypervisor.vcpus + 2);
         // Never more vCPUs than the host has.
-        assert_eq!(vm_config(&cfg, &own, &[0, 1]).unwrap().hypervisor.vcpus, 2);
+        assert_eq!(vm_config(&cfg, &own, &host(2)).unwrap().hypervisor.vcpus, 2);
 
         // The pod's annotations win over the sandbox container's own limits.
         let pod = spec(
@@ -199,12 +232,20 @@ pub(crate) mod tests {
         let c = vm_config(&cfg, &pod, &eight).unwrap();
         assert_eq!(c.hypervisor.memory_mib, cfg.hypervisor.memory_mib + 2);
         assert_eq!(c.hypervisor.vcpus, cfg.hypervisor.vcpus);
+
+        // A limit beyond the host's RAM: the host's RAM.
+        let huge = spec(
+            serde_json::json!({}),
+            serde_json::json!({"memory": {"limit": 1i64 << 40}}),
+        );
+        let c = vm_config(&cfg, &huge, &eight).unwrap();
+        assert_eq!(c.hypervisor.memory_mib, 16 * 1024);
     }
 
     #[test]
     fn a_cpuset_pins_the_vm_and_bounds_its_vcpus() {
         let cfg = Config::default();
-        let four: Vec<usize> = (0..4).collect();
+        let four = host(4);
         let pinned = spec(
             serde_json::json!({}),
             serde_json::json!({"cpu": {"cpus": "1-2", "quota": 400000, "period": 100000}}),
@@ -235,7 +276,9 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn this_process_may_use_some_cpu() {
-        assert!(!allowed_host_cpus().is_empty());
+    fn this_host_has_cpus_and_memory() {
+        let h = Host::probe();
+        assert!(!h.cpus.is_empty());
+        assert!(h.memory_mib > 64 && h.memory_mib < u64::MAX, "{h:?}");
     }
 }

@@ -215,7 +215,7 @@ async fn serve_inner(
     if terminal && opts.console_socket.is_none() && !opts.autostart {
         return Err(MonitorError::NeedConsoleSocket);
     }
-    let sized = sizing::vm_config(cfg, &bundle.spec, &sizing::allowed_host_cpus())?;
+    let sized = sizing::vm_config(cfg, &bundle.spec, &sizing::Host::probe())?;
     let cfg = &sized;
     let t0 = Instant::now();
     let dir = SandboxDir::create(&opts.root, &opts.id)?;
