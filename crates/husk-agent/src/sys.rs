@@ -508,13 +508,22 @@ pub enum Forked {
 /// of the one thread, and glibc's fork handlers do not run (no locks are
 /// held in a single-threaded process, and the child execs soon).
 pub fn fork_as_sibling() -> io::Result<Forked> {
-    let flags = (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong;
-    // SAFETY: clone without CLONE_VM and with a null stack behaves like fork;
-    // the arguments are plain integers and null pointers.
+    fork_with_flags(libc::CLONE_PARENT as libc::c_ulong)
+}
+
+/// A fork (`clone(2)` without `CLONE_VM`, SIGCHLD to the parent) with extra
+/// clone `flags`: `CLONE_PARENT`, or the `CLONE_NEW*` namespaces of a
+/// container's init. In a multi-threaded caller the child may only make
+/// async-signal-safe calls before it execs (see `process/spawn.rs`); this
+/// function itself returns to it without allocating.
+pub fn fork_with_flags(flags: libc::c_ulong) -> io::Result<Forked> {
+    // SAFETY: clone without CLONE_VM and with a null stack behaves like fork:
+    // the child gets a copy-on-write copy of this thread's stack and memory.
+    // The arguments are plain integers and null pointers.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_clone,
-            flags,
+            flags | libc::SIGCHLD as libc::c_ulong,
             0 as libc::c_ulong,
             0 as libc::c_ulong,
             0 as libc::c_ulong,

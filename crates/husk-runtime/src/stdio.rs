@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -116,22 +116,28 @@ pub fn stoppable(input: impl Into<OwnedFd>) -> io::Result<(StoppableReader, Stop
     ))
 }
 
+/// Blocks until `a` or `b` is readable, or hung up (retrying on EINTR);
+/// says which.
+pub fn wait_either(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> io::Result<(bool, bool)> {
+    loop {
+        let mut fds = [
+            PollFd::new(a, PollFlags::POLLIN),
+            PollFd::new(b, PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        let any = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+        return Ok((any(&fds[0]), any(&fds[1])));
+    }
+}
+
 impl Read for StoppableReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            let (input_ready, stopped) = {
-                let mut fds = [
-                    PollFd::new(self.input.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
-                ];
-                match poll(&mut fds, PollTimeout::NONE) {
-                    Ok(_) => {}
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(e) => return Err(e.into()),
-                }
-                let any = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-                (any(&fds[0]), any(&fds[1]))
-            };
+            let (input_ready, stopped) = wait_either(self.input.as_fd(), self.stop.as_fd())?;
             if stopped {
                 return Ok(0);
             }

@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use husk_runtime::agent::AgentClient;
 use husk_runtime::stdio;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tokio::io::AsyncWrite;
 use tokio::task::JoinHandle;
 
@@ -116,19 +115,8 @@ impl Read for FifoReader {
                     r => r,
                 };
             }
-            let (fifo_ready, stop) = {
-                let mut fds = [
-                    PollFd::new(self.fifo.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
-                ];
-                match poll(&mut fds, PollTimeout::NONE) {
-                    Ok(_) => {}
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(e) => return Err(e.into()),
-                }
-                let any = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-                (any(&fds[0]), any(&fds[1]))
-            };
+            let (fifo_ready, stop) =
+                husk_runtime::stdio::wait_either(self.fifo.as_fd(), self.stop.as_fd())?;
             if fifo_ready {
                 match self.fifo.read(buf) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

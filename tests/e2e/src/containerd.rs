@@ -448,22 +448,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         assert!(gone, "processes left behind: {:?}", others());
         let m = crate::mounts_under(self.dir.path());
         assert!(m.is_empty(), "mounts left behind: {m:?}");
-        let pods: Vec<PathBuf> = std::fs::read_dir(self.dir.path().join("shim"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .flat_map(|ns| std::fs::read_dir(ns.path()).into_iter().flatten().flatten())
-            .map(|e| e.path())
-            .collect();
+        let pods = entries_per_namespace(&self.dir.path().join("shim"));
         assert!(pods.is_empty(), "pod state left behind: {pods:?}");
         let tasks = self.dir.path().join("state/io.containerd.runtime.v2.task");
-        let bundles: Vec<PathBuf> = std::fs::read_dir(&tasks)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .flat_map(|ns| std::fs::read_dir(ns.path()).into_iter().flatten().flatten())
-            .map(|e| e.path())
-            .collect();
+        let bundles = entries_per_namespace(&tasks);
         assert!(bundles.is_empty(), "task bundles left behind: {bundles:?}");
         for s in self.sockets.borrow().iter() {
             let ok = wait_until(Duration::from_secs(10), || !s.exists());
@@ -647,4 +635,15 @@ fn pb_fields(mut b: &[u8]) -> Vec<(u32, Vec<u8>)> {
         }
     }
     out
+}
+
+/// `DIR/<namespace>/<entry>` for every namespace directory under `dir`.
+fn entries_per_namespace(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|ns| std::fs::read_dir(ns.path()).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .collect()
 }

@@ -3,15 +3,6 @@
 
 use husk_e2e::*;
 
-fn assert_one_line_error(o: &std::process::Output, needle: &str) {
-    assert_ne!(o.status.code(), Some(0), "husk should fail");
-    let err = stderr(o);
-    let lines: Vec<_> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
-    assert!(lines[0].starts_with("husk: "), "{err}");
-    assert!(err.contains(needle), "expected {needle:?} in: {err}");
-}
-
 #[test]
 fn root_missing_bundle() {
     let env = Env::new("nobundle");

@@ -12,10 +12,10 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::io::{AsyncWriteExt, BufReader};
 
-use super::exec_stage::{self, ExecConfig};
+use super::exec_stage::ExecConfig;
 use super::spec::{self, InitMessage};
 use super::stdio::{self, pipe};
-use super::{next_message, stage, ContainerError, Containers, ExecSlot};
+use super::{next_message, ContainerError, Containers, ExecSlot};
 use crate::process::spawn::{clone_exec, CloneExec};
 use crate::process::stdio::FdIo;
 use crate::process::{wait_exit, ExitStatus};
@@ -104,17 +104,7 @@ impl Containers {
         let (status_r, status_w) = pipe().map_err(io_err("creating the status pipe"))?;
         let (start_r, start_w) = pipe().map_err(io_err("creating the start pipe"))?;
         let argv = [CString::from(c"husk-agent"), CString::from(c"exec")];
-        let mut fds = vec![
-            (child_stdio.fds[0].as_fd(), 0),
-            (child_stdio.fds[1].as_fd(), 1),
-            (child_stdio.fds[2].as_fd(), 2),
-            (config_r.as_fd(), exec_stage::CONFIG_FD),
-            (status_w.as_fd(), stage::STATUS_FD),
-            (start_r.as_fd(), exec_stage::START_FD),
-        ];
-        if let Some(socket) = &child_stdio.console_socket {
-            fds.push((socket.as_fd(), stage::CONSOLE_FD));
-        }
+        let fds = child_stdio.stage_fds(config_r.as_fd(), status_w.as_fd(), start_r.as_fd());
         let request = CloneExec {
             namespaces: nix::sched::CloneFlags::empty(),
             program: &self.options.agent_exe,

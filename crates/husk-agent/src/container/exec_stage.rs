@@ -18,9 +18,9 @@
 //! program runs, or an error message.
 
 use std::convert::Infallible;
-use std::fs::{self, File};
-use std::io::{self, Read};
-use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::fs::{self};
+use std::io::{self};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 
 use nix::fcntl::{open, OFlag};
@@ -33,11 +33,6 @@ use super::spec::{InitMessage, ProcessConfig};
 use super::stage::{self, step, Reporter, StageError};
 use crate::seccomp::SeccompProgram;
 use crate::sys;
-
-/// Where the exec stage reads its [`ExecConfig`] (JSON, until end-of-file).
-pub const CONFIG_FD: RawFd = 3;
-/// Where the new process waits for the agent's go.
-pub const START_FD: RawFd = 5;
 
 /// The namespaces an exec joins when the init's differs from the agent's,
 /// in the order they are joined: the user namespace first (it owns the
@@ -68,18 +63,6 @@ pub struct ExecConfig {
 /// Runs the exec stage; never returns.
 pub fn main() -> ! {
     stage::run_stage("exec", run)
-}
-
-fn read_config() -> Result<ExecConfig, StageError> {
-    let fd = step(sys::take_inherited_fd(CONFIG_FD), || {
-        "taking the config pipe (fd 3)".to_string()
-    })?;
-    let mut json = Vec::new();
-    step(File::from(fd).read_to_end(&mut json), || {
-        "reading the exec instructions".to_string()
-    })?;
-    serde_json::from_slice(&json)
-        .map_err(|e| StageError::Spec(format!("the exec instructions are not valid: {e}")))
 }
 
 /// Opens the init's namespaces that differ from ours.
@@ -123,14 +106,7 @@ fn become_namespace_root() {
 }
 
 fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
-    sys::close_fds_from(stage::CONSOLE_FD as u32 + 1);
-    let config = read_config()?;
-    let start = File::from(step(sys::take_inherited_fd(START_FD), || {
-        "taking the start pipe (fd 5)".to_string()
-    })?);
-    step(sys::set_cloexec(start.as_fd(), true), || {
-        "marking the start pipe close-on-exec".to_string()
-    })?;
+    let (config, start) = stage::take_instructions::<ExecConfig>("exec instructions")?;
     let console_socket = stage::take_console_socket(&config.process)?;
     let init = config.init_pid;
     let joins = open_namespaces(init)?;
@@ -182,13 +158,7 @@ fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
             "making the terminal the controlling terminal".to_string()
         })?;
     }
-    let mut go = [0u8; 1];
-    match (&start).read(&mut go) {
-        Ok(1) => {}
-        // The agent gave up on this exec.
-        _ => std::process::exit(0),
-    }
-    drop(start);
+    stage::wait_for_start(start);
     stage::apply_limits(&config.process)?;
     let (program, seccomp_installed) =
         stage::become_user(&config.process, config.seccomp.as_ref())?;

@@ -13,9 +13,9 @@
 //! so the agent reads end-of-file once the program runs.
 
 use std::convert::Infallible;
-use std::fs::{self, File};
-use std::io::{self, Read};
-use std::os::fd::{AsFd, RawFd};
+use std::fs::{self};
+use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -32,41 +32,13 @@ use super::spec::{DeviceEntry, InitConfig, InitMessage};
 use super::stage::{self, step, Reporter, StageError};
 use crate::sys;
 
-/// Where the init stage reads its [`InitConfig`] (JSON, until end-of-file).
-pub const CONFIG_FD: RawFd = 3;
-/// Where it writes [`InitMessage`]s, one JSON object per line.
-pub const STATUS_FD: RawFd = stage::STATUS_FD;
-/// Where it waits for the agent's go: one byte means start, end-of-file means
-/// the container was removed before it started.
-pub const START_FD: RawFd = 5;
-
 /// Runs the init stage; never returns.
 pub fn main() -> ! {
     stage::run_stage("init", run)
 }
 
-fn read_config() -> Result<InitConfig, StageError> {
-    let fd = step(sys::take_inherited_fd(CONFIG_FD), || {
-        "taking the config pipe (fd 3)".to_string()
-    })?;
-    let mut json = Vec::new();
-    step(File::from(fd).read_to_end(&mut json), || {
-        "reading the init instructions".to_string()
-    })?;
-    serde_json::from_slice(&json)
-        .map_err(|e| StageError::Spec(format!("the init instructions are not valid: {e}")))
-}
-
 fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
-    // Nothing but fds 0-6 belongs to the container.
-    sys::close_fds_from(stage::CONSOLE_FD as u32 + 1);
-    let config = read_config()?;
-    let start = File::from(step(sys::take_inherited_fd(START_FD), || {
-        "taking the start pipe (fd 5)".to_string()
-    })?);
-    step(sys::set_cloexec(start.as_fd(), true), || {
-        "marking the start pipe close-on-exec".to_string()
-    })?;
+    let (config, start) = stage::take_instructions::<InitConfig>("init instructions")?;
     let console_socket = stage::take_console_socket(&config.process)?;
     // Mount points and the working directory are created 0755, like runc.
     umask(Mode::from_bits_truncate(0o022));
@@ -106,13 +78,7 @@ fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
         "resetting signal handlers".to_string()
     })?;
     reporter.send(&InitMessage::Ready);
-    let mut go = [0u8; 1];
-    match (&start).read(&mut go) {
-        Ok(1) => {}
-        // The agent removed the container before starting it.
-        _ => std::process::exit(0),
-    }
-    drop(start);
+    stage::wait_for_start(start);
     let pending = config.seccomp.as_ref().filter(|_| !seccomp_installed);
     stage::exec_program(&program, &config.process, pending)
 }

@@ -699,18 +699,8 @@ impl Containers {
         let (hold_r, hold_w) = pipe().map_err(io_err("creating the hold pipe"))?;
 
         let argv = [CString::from(c"husk-agent"), CString::from(c"init")];
-        let mut fds = vec![
-            (child_stdio.fds[0].as_fd(), 0),
-            (child_stdio.fds[1].as_fd(), 1),
-            (child_stdio.fds[2].as_fd(), 2),
-            (config_r.as_fd(), init::CONFIG_FD),
-            (status_w.as_fd(), init::STATUS_FD),
-            (start_r.as_fd(), init::START_FD),
-            (hold_r.as_fd(), HOLD_FD),
-        ];
-        if let Some(socket) = &child_stdio.console_socket {
-            fds.push((socket.as_fd(), stage::CONSOLE_FD));
-        }
+        let mut fds = child_stdio.stage_fds(config_r.as_fd(), status_w.as_fd(), start_r.as_fd());
+        fds.push((hold_r.as_fd(), HOLD_FD));
         let request = CloneExec {
             namespaces,
             program: &self.options.agent_exe,

@@ -1,5 +1,6 @@
 //! What the init stage (`husk-agent init`) and the exec stage (`husk-agent
-//! exec`) share: their error type and status reporting, the terminal, and
+//! exec`) share: their descriptors and first steps, their error type and
+//! status reporting, the terminal, and
 //! the last steps of every container process: resource limits, working
 //! directory, user, capabilities (runc's order), `no_new_privs`, the
 //! program lookup, seccomp and `execve`.
@@ -7,7 +8,7 @@
 use std::convert::Infallible;
 use std::ffi::CString;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::stat::{umask, Mode};
 use nix::unistd::{self, AccessFlags, Gid, Uid};
 use oci_spec::runtime::PosixRlimitType;
+use serde::de::DeserializeOwned;
 
 use super::mounts::{ensure_file, MountError};
 use super::spec::{find_program, path_of, InitMessage, LookupError, ProcessConfig};
@@ -26,11 +28,49 @@ use crate::caps;
 use crate::seccomp::SeccompProgram;
 use crate::sys;
 
+/// Where a stage reads its instructions (JSON, until end-of-file).
+pub const CONFIG_FD: RawFd = 3;
 /// Where a stage writes [`InitMessage`]s, one JSON object per line.
 pub const STATUS_FD: RawFd = 4;
+/// Where a stage waits for the agent's go: one byte means start, end-of-file
+/// means the agent gave up on it (the container was removed first).
+pub const START_FD: RawFd = 5;
 /// Where a stage whose process has a terminal finds its end of the console
 /// socket, on which it sends the terminal's master to the agent.
 pub const CONSOLE_FD: RawFd = 6;
+
+/// A stage's first steps: close everything but fds 0-6 (nothing else
+/// belongs to the container), read the instructions (`what` names them in
+/// errors) and take the start pipe, close-on-exec.
+pub fn take_instructions<T: DeserializeOwned>(what: &str) -> Result<(T, File), StageError> {
+    sys::close_fds_from(CONSOLE_FD as u32 + 1);
+    let config = step(sys::take_inherited_fd(CONFIG_FD), || {
+        format!("taking the config pipe (fd {CONFIG_FD})")
+    })?;
+    let mut json = Vec::new();
+    step(File::from(config).read_to_end(&mut json), || {
+        format!("reading the {what}")
+    })?;
+    let instructions = serde_json::from_slice(&json)
+        .map_err(|e| StageError::Spec(format!("the {what} are not valid: {e}")))?;
+    let start = File::from(step(sys::take_inherited_fd(START_FD), || {
+        format!("taking the start pipe (fd {START_FD})")
+    })?);
+    step(sys::set_cloexec(start.as_fd(), true), || {
+        "marking the start pipe close-on-exec".to_string()
+    })?;
+    Ok((instructions, start))
+}
+
+/// Blocks until the agent says go (one byte on the start pipe); exits the
+/// stage quietly when the agent gave up on it instead (end-of-file: the
+/// container or exec was removed before it started).
+pub fn wait_for_start(start: File) {
+    let mut go = [0u8; 1];
+    if !matches!((&start).read(&mut go), Ok(1)) {
+        std::process::exit(0);
+    }
+}
 
 /// A failed stage step.
 #[derive(Debug, thiserror::Error)]

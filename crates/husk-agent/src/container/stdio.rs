@@ -9,12 +9,13 @@
 //! reports success; until then its fds 0-2 are `/dev/null`.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use nix::fcntl::OFlag;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
+use super::stage;
 use crate::process::stdio::{spawn_pump, FdIo, OUTPUT_BUFFER_CAPACITY};
 use crate::process::{ExitReceiver, OutputBuffer, Process, Stdin};
 
@@ -32,6 +33,31 @@ pub struct ChildStdio {
     /// The stage's end of the console socket, for a terminal (it goes to
     /// `stage::CONSOLE_FD`).
     pub console_socket: Option<OwnedFd>,
+}
+
+impl ChildStdio {
+    /// The descriptors a stage gets, by their number in it: stdio, its
+    /// instructions (`config`), its status pipe, its start pipe and, for a
+    /// terminal, the console socket.
+    pub fn stage_fds<'a>(
+        &'a self,
+        config: BorrowedFd<'a>,
+        status: BorrowedFd<'a>,
+        start: BorrowedFd<'a>,
+    ) -> Vec<(BorrowedFd<'a>, RawFd)> {
+        let mut fds = vec![
+            (self.fds[0].as_fd(), 0),
+            (self.fds[1].as_fd(), 1),
+            (self.fds[2].as_fd(), 2),
+            (config, stage::CONFIG_FD),
+            (status, stage::STATUS_FD),
+            (start, stage::START_FD),
+        ];
+        if let Some(socket) = &self.console_socket {
+            fds.push((socket.as_fd(), stage::CONSOLE_FD));
+        }
+        fds
+    }
 }
 
 /// The agent's ends of a process's stdio while its stage runs.

@@ -1,7 +1,8 @@
 //! Forking a container's init: a raw `clone(2)` of the agent into new
 //! namespaces that immediately re-executes the agent binary.
 //!
-//! This is the only place where the agent forks. The agent is multi-threaded,
+//! This is the only place where the agent forks (through
+//! `sys::fork_with_flags`). The agent is multi-threaded,
 //! so between `clone` and `execve` the child may only call async-signal-safe
 //! functions: it calls `dup2`, `prctl`, `execve` and `_exit` (each a bare
 //! system call) on data the parent prepared, and never allocates, locks or
@@ -15,6 +16,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use nix::sched::CloneFlags;
 use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
 use nix::unistd::Pid;
+
+use crate::sys::{self, Forked};
 
 /// The lowest number the parent duplicates the child's descriptors to, so
 /// that no source can collide with a target (targets are 0..=7).
@@ -75,7 +78,7 @@ pub fn clone_exec(req: &CloneExec<'_>) -> io::Result<Pid> {
         hold_fd: req.hold_fd.unwrap_or(-1),
         become_userns_root: req.become_userns_root,
     };
-    let flags = req.namespaces.bits() as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
+    let flags = req.namespaces.bits() as libc::c_ulong;
 
     // Block every signal across the clone so that no handler of the agent
     // (tokio's) runs in the child; the init stage unblocks them.
@@ -85,25 +88,12 @@ pub fn clone_exec(req: &CloneExec<'_>) -> io::Result<Pid> {
         Some(&SigSet::all()),
         Some(&mut saved),
     )?;
-    // SAFETY: clone without CLONE_VM and with a null stack behaves like fork:
-    // the child gets a copy-on-write copy of this thread's stack and memory.
-    // Its arguments are plain integers and null pointers.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            flags,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
-    if rc == 0 {
+    let cloned = match sys::fork_with_flags(flags) {
         // SAFETY: we are the freshly cloned child; `pairs`, `argv` and `envp`
         // are valid copies of the parent's prepared data, and `argv`/`envp`
         // are null-terminated arrays of pointers to NUL-terminated strings
         // that live as long as the copied `req`.
-        unsafe {
+        Ok(Forked::Child) => unsafe {
             exec_child(
                 &pairs,
                 death_signal,
@@ -112,16 +102,15 @@ pub fn clone_exec(req: &CloneExec<'_>) -> io::Result<Pid> {
                 &argv,
                 &envp,
             )
-        }
-    }
-    let clone_error = io::Error::last_os_error();
+        },
+        Ok(Forked::Parent(pid)) => Ok(pid),
+        Err(e) => Err(e),
+    };
     let restored = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&saved), None);
     drop(staged);
-    if rc < 0 {
-        return Err(clone_error);
-    }
+    let pid = cloned?;
     restored?;
-    Ok(Pid::from_raw(rc as libc::pid_t))
+    Ok(pid)
 }
 
 /// What the child does between its descriptors and `execve`.
