@@ -16,5 +16,6 @@ pub mod sandbox_dir;
 pub mod share;
 pub mod sizing;
 pub mod state;
+pub mod status;
 pub mod stdio;
 pub mod translate;

@@ -43,27 +43,7 @@ pub enum StateError {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Creating,
-    Created,
-    Running,
-    Paused,
-    Stopped,
-}
-
-impl std::fmt::Display for Status {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Status::Creating => "creating",
-            Status::Created => "created",
-            Status::Running => "running",
-            Status::Paused => "paused",
-            Status::Stopped => "stopped",
-        })
-    }
-}
+pub use crate::status::Status;
 
 /// What `state.json` holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +65,10 @@ pub struct ContainerState {
     pub exit_status: Option<i32>,
     /// The QEMU process of the sandbox.
     pub vm_pid: Option<u32>,
+    /// The poststop hooks as they were at create: `delete` runs these, not
+    /// what `config.json` says by then.
+    #[serde(default)]
+    pub poststop: Vec<oci_spec::runtime::Hook>,
 }
 
 /// The start time of `pid`, if it is alive (a zombie is not).
@@ -253,6 +237,7 @@ mod tests {
             owner: String::new(),
             exit_status: None,
             vm_pid: None,
+            poststop: Vec::new(),
         }
     }
 

@@ -10,14 +10,14 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::agent::AgentClient;
+use crate::agent::{AgentClient, Call, Stream};
 
 /// Copies the process's stdout (or stderr) to `out` until end of stream.
 pub fn relay_output<W>(
     agent: AgentClient,
     cid: String,
     exec_id: String,
-    stderr: bool,
+    stream: Stream,
     mut out: W,
 ) -> JoinHandle<()>
 where
@@ -26,7 +26,7 @@ where
     tokio::spawn(async move {
         let mut reader_gone = false;
         loop {
-            match agent.read_output(&cid, &exec_id, stderr).await {
+            match agent.read_output(&cid, &exec_id, stream).await {
                 Ok(data) if data.is_empty() => break,
                 Ok(data) => {
                     // When the reader went away, keep draining so the
@@ -38,7 +38,7 @@ where
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, stderr, "output relay ended");
+                    tracing::debug!(error = %e, ?stream, "output relay ended");
                     break;
                 }
             }
@@ -81,7 +81,7 @@ where
                 return;
             }
         }
-        if let Err(e) = agent.close_stdin(&cid, &exec_id).await {
+        if let Err(e) = agent.done(Call::CloseStdin { cid, exec_id }).await {
             tracing::debug!(error = %e, "closing stdin");
         }
     })

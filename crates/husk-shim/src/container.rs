@@ -1,105 +1,48 @@
-//! What the shim knows about its containers and their processes (the init
-//! and the execs), in containerd's terms.
+//! What the shim keeps of its containers beyond the runtime's lifecycle
+//! model: containerd's names for their stdio, the rootfs it mounted, and
+//! execs that containerd has recorded but not yet started (containerd's
+//! exec is two calls). Statuses, exits and relays live in the sandbox.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::time::SystemTime;
 
 use containerd_shim::api::Status;
+use husk_runtime::sandbox::Exit;
+use husk_runtime::status::Status as Lifecycle;
 use tokio::sync::watch;
 
-use crate::events::TaskExit;
-use crate::io::{ProcessIo, StdioPaths};
+use crate::io::StdioPaths;
 
-/// A process's end, as containerd reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Exit {
-    /// The exit code, or 128 + the signal.
-    pub status: u32,
-    pub at: SystemTime,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProcState {
-    /// The init is held before exec; an exec is recorded, not yet run.
-    Created,
-    Running,
-    Stopped,
-}
-
+/// One process as containerd sees it.
 pub struct Process {
-    /// The agent's name for it: `""` for the init; an exec's id, made unique
-    /// in the guest when containerd reuses an id (the guest keeps exited
-    /// execs until the container is removed).
-    pub guest_id: String,
     pub stdio: StdioPaths,
-    pub state: ProcState,
-    pub exit: watch::Sender<Option<Exit>>,
-    pub io: Option<ProcessIo>,
+    /// Dropping it ends stdin (`CloseIO`).
+    pub stdin_stop: Option<OwnedFd>,
     /// An exec's OCI process (JSON), until it starts.
     pub spec: Option<Vec<u8>>,
-    /// `Start` is in flight: an exit seen meanwhile waits in
-    /// `deferred_exit` until `TaskStart` was sent, so containerd never
-    /// hears of the end before the start.
-    pub starting: bool,
-    pub deferred_exit: Option<TaskExit>,
+    /// Whether it was handed to the sandbox (the init: created; an exec:
+    /// started). `Wait` on an exec not started yet waits for this.
+    pub in_sandbox: watch::Sender<bool>,
 }
 
 impl Process {
-    pub fn new(guest_id: String, stdio: StdioPaths) -> Process {
+    pub fn new(stdio: StdioPaths, in_sandbox: bool) -> Process {
         Process {
-            guest_id,
             stdio,
-            state: ProcState::Created,
-            exit: watch::channel(None).0,
-            io: None,
+            stdin_stop: None,
             spec: None,
-            starting: false,
-            deferred_exit: None,
+            in_sandbox: watch::channel(in_sandbox).0,
         }
     }
-
-    pub fn exited(&self) -> Option<Exit> {
-        *self.exit.borrow()
-    }
-
-    /// Records the end (once); returns whether this call did.
-    pub fn set_exited(&mut self, status: u32) -> Option<Exit> {
-        if self.state == ProcState::Stopped {
-            return None;
-        }
-        self.state = ProcState::Stopped;
-        let exit = Exit {
-            status,
-            at: SystemTime::now(),
-        };
-        self.exit.send_replace(Some(exit));
-        Some(exit)
-    }
-}
-
-/// How a paused container was paused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Paused {
-    /// The whole VM is stopped (the container is alone in it).
-    Vm,
-    /// Its processes got SIGSTOP (other containers share the VM).
-    Signals,
 }
 
 pub struct Container {
     pub bundle: PathBuf,
-    /// It started the pod, and the pod's VM goes away with it.
-    pub owner: bool,
     /// Where the shim mounted the rootfs, if it did.
     pub rootfs: Option<PathBuf>,
-    pub hooks: oci_spec::runtime::Hooks,
-    pub annotations: HashMap<String, String>,
     pub init: Process,
     pub execs: HashMap<String, Process>,
-    /// Every exec id the guest has seen for this container.
-    pub guest_exec_ids: HashSet<String>,
-    pub paused: Option<Paused>,
 }
 
 impl Container {
@@ -118,106 +61,36 @@ impl Container {
             self.execs.get_mut(exec_id)
         }
     }
+}
 
-    /// A guest name for a new exec that containerd calls `exec_id`.
-    pub fn new_guest_exec_id(&mut self, exec_id: &str) -> String {
-        let mut id = exec_id.to_string();
-        let mut n = 1;
-        while self.guest_exec_ids.contains(&id) {
-            id = format!("{exec_id}+{n}");
-            n += 1;
-        }
-        self.guest_exec_ids.insert(id.clone());
-        id
-    }
-
-    /// containerd's view of a process's status.
-    pub fn status(&self, exec_id: &str) -> Status {
-        let Some(p) = self.process(exec_id) else {
-            return Status::UNKNOWN;
-        };
-        match p.state {
-            ProcState::Created => Status::CREATED,
-            ProcState::Stopped => Status::STOPPED,
-            ProcState::Running if self.paused.is_some() => Status::PAUSED,
-            ProcState::Running => Status::RUNNING,
-        }
-    }
-
-    /// The OCI state that hooks get on stdin.
-    pub fn oci_state(&self, id: &str, pid: u32) -> serde_json::Value {
-        let status = match self.init.state {
-            ProcState::Created => "created",
-            ProcState::Running => "running",
-            ProcState::Stopped => "stopped",
-        };
-        let mut v = serde_json::json!({
-            "ociVersion": "1.1.0",
-            "id": id,
-            "status": status,
-            "pid": pid,
-            "bundle": self.bundle,
-        });
-        if !self.annotations.is_empty() {
-            v["annotations"] = serde_json::json!(self.annotations);
-        }
-        v
+/// containerd's status of a process from the lifecycle's status of its
+/// container, whether the process is in the sandbox yet, and its end.
+pub fn status(container: Lifecycle, in_sandbox: bool, exit: Option<Exit>) -> Status {
+    match (container, in_sandbox, exit) {
+        (_, _, Some(_)) | (Lifecycle::Stopped, _, _) => Status::STOPPED,
+        (_, false, None) | (Lifecycle::Creating | Lifecycle::Created, _, None) => Status::CREATED,
+        (Lifecycle::Paused, true, None) => Status::PAUSED,
+        (Lifecycle::Running, true, None) => Status::RUNNING,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn container() -> Container {
-        Container {
-            bundle: "/b".into(),
-            owner: true,
-            rootfs: None,
-            hooks: Default::default(),
-            annotations: HashMap::new(),
-            init: Process::new(String::new(), StdioPaths::default()),
-            execs: HashMap::new(),
-            guest_exec_ids: HashSet::new(),
-            paused: None,
-        }
-    }
+    use husk_runtime::agent::ExitStatus;
 
     #[test]
     fn statuses_follow_containerd() {
-        let mut c = container();
-        assert_eq!(c.status(""), Status::CREATED);
-        c.init.state = ProcState::Running;
-        assert_eq!(c.status(""), Status::RUNNING);
-        c.paused = Some(Paused::Vm);
-        assert_eq!(c.status(""), Status::PAUSED);
-        assert_eq!(c.status("nope"), Status::UNKNOWN);
-        c.paused = None;
-        let exit = c.init.set_exited(137).unwrap();
-        assert_eq!(c.status(""), Status::STOPPED);
-        assert_eq!(c.init.exited(), Some(exit));
-        // The first end recorded stays.
-        assert!(c.init.set_exited(0).is_none());
-        assert_eq!(c.init.exited().unwrap().status, 137);
-    }
-
-    #[test]
-    fn a_reused_exec_id_gets_a_fresh_guest_id() {
-        let mut c = container();
-        assert_eq!(c.new_guest_exec_id("e"), "e");
-        assert_eq!(c.new_guest_exec_id("e"), "e+1");
-        assert_eq!(c.new_guest_exec_id("e"), "e+2");
-        assert_eq!(c.new_guest_exec_id("f"), "f");
-    }
-
-    #[test]
-    fn hooks_get_the_oci_state() {
-        let mut c = container();
-        c.annotations.insert("a".into(), "b".into());
-        let s = c.oci_state("c1", 42);
-        assert_eq!(s["id"], "c1");
-        assert_eq!(s["status"], "created");
-        assert_eq!(s["pid"], 42);
-        assert_eq!(s["annotations"]["a"], "b");
+        let exit = Some(Exit {
+            status: ExitStatus::KILLED,
+            at: std::time::SystemTime::now(),
+        });
+        assert_eq!(status(Lifecycle::Created, true, None), Status::CREATED);
+        assert_eq!(status(Lifecycle::Running, true, None), Status::RUNNING);
+        assert_eq!(status(Lifecycle::Paused, true, None), Status::PAUSED);
+        // An exec recorded but not started.
+        assert_eq!(status(Lifecycle::Running, false, None), Status::CREATED);
+        assert_eq!(status(Lifecycle::Running, true, exit), Status::STOPPED);
+        assert_eq!(status(Lifecycle::Stopped, true, None), Status::STOPPED);
     }
 }

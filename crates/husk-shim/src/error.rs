@@ -2,11 +2,9 @@
 //! containerd turns into its error kinds (`NOT_FOUND` into "not found",
 //! `FAILED_PRECONDITION` into "failed precondition", ...).
 
-use containerd_shim::protos::protobuf::Enum;
 use containerd_shim::protos::ttrpc::{self, Code};
-use husk_runtime::agent::AgentError;
+use husk_runtime::agent::{AgentError, RpcCode};
 use husk_runtime::monitor::error_chain;
-use husk_runtime::pod::PodError;
 use husk_runtime::sandbox::SandboxError;
 
 pub type Result<T> = std::result::Result<T, ttrpc::Error>;
@@ -40,18 +38,41 @@ pub fn internal(e: &dyn std::error::Error) -> ttrpc::Error {
 pub fn agent(e: &AgentError) -> ttrpc::Error {
     match e {
         AgentError::Rpc { code, .. } => status(
-            Code::from_i32(code.value()).unwrap_or(Code::INTERNAL),
+            match code {
+                RpcCode::NotFound => Code::NOT_FOUND,
+                RpcCode::AlreadyExists => Code::ALREADY_EXISTS,
+                RpcCode::InvalidArgument => Code::INVALID_ARGUMENT,
+                RpcCode::FailedPrecondition => Code::FAILED_PRECONDITION,
+                RpcCode::Other => Code::INTERNAL,
+            },
             error_chain(e),
         ),
         AgentError::Unavailable(_) => status(Code::UNAVAILABLE, error_chain(e)),
         AgentError::Timeout { .. } => status(Code::DEADLINE_EXCEEDED, error_chain(e)),
         AgentError::Version { .. } => status(Code::FAILED_PRECONDITION, error_chain(e)),
+        AgentError::Unexpected { .. } => status(Code::INTERNAL, error_chain(e)),
     }
 }
 
-pub fn pod(e: &PodError) -> ttrpc::Error {
+/// The lifecycle's refusals keep their meaning for containerd: a missing
+/// container or process, or one that already exited, is `NOT_FOUND` (what
+/// containerd expects from a kill after the exit); a verb the status does
+/// not allow is `FAILED_PRECONDITION`; a VM that is gone is `UNAVAILABLE`.
+pub fn sandbox(e: &SandboxError) -> ttrpc::Error {
     match e {
-        PodError::Sandbox(SandboxError::Agent(a)) => agent(a),
+        SandboxError::Agent(a) => agent(a),
+        SandboxError::NotFound(_)
+        | SandboxError::NoProcess { .. }
+        | SandboxError::Finished { .. } => status(Code::NOT_FOUND, error_chain(e)),
+        SandboxError::Exists(_) | SandboxError::ExecExists { .. } => {
+            status(Code::ALREADY_EXISTS, error_chain(e))
+        }
+        SandboxError::Refused(_) | SandboxError::ExecRunning { .. } => {
+            status(Code::FAILED_PRECONDITION, error_chain(e))
+        }
+        SandboxError::Gone(_) | SandboxError::VmDied { .. } => {
+            status(Code::UNAVAILABLE, error_chain(e))
+        }
         _ => internal(e),
     }
 }

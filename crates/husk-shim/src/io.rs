@@ -1,5 +1,5 @@
-//! A process's stdio between containerd's endpoints and the guest, over
-//! husk-runtime's relays (`stdio::relay_output`, `stdio::relay_input`).
+//! A process's stdio endpoints as containerd names them, opened for the
+//! runtime's relays (the sandbox runs and drains them).
 //!
 //! containerd names each stream by a path (a FIFO that `ctr`, the CRI or
 //! another client reads or writes), a `file://` URI (`ctr run --log-uri`), or
@@ -20,16 +20,9 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::time::Duration;
 
-use husk_runtime::agent::AgentClient;
-use husk_runtime::stdio;
+use husk_runtime::sandbox::Stdio;
 use tokio::io::AsyncWrite;
-use tokio::task::JoinHandle;
-
-/// How long output may keep arriving after a process exited before
-/// `Delete` stops waiting for it.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The endpoints containerd gave for one process.
 #[derive(Debug, Clone, Default)]
@@ -131,90 +124,38 @@ impl Read for FifoReader {
     }
 }
 
-/// The relays of one process.
-pub struct ProcessIo {
-    out: Option<JoinHandle<()>>,
-    err: Option<JoinHandle<()>>,
-    /// Dropping it ends stdin (`CloseIO`).
-    stdin_stop: Option<OwnedFd>,
-}
-
-impl ProcessIo {
-    /// Wires process `(cid, exec_id)` (which must exist in the agent) to
-    /// `paths`.
-    pub async fn start(
-        agent: &AgentClient,
-        cid: &str,
-        exec_id: &str,
-        paths: &StdioPaths,
-    ) -> Result<ProcessIo, IoError> {
-        let stdout = open_output("stdout", &paths.stdout)?;
-        let stderr = open_output("stderr", &paths.stderr)?;
-        let mut stdin_stop = None;
-        if !paths.stdin.is_empty() {
-            let (r, w) =
-                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| IoError::Open {
-                    what: "stdin",
-                    path: paths.stdin.clone(),
-                    source: e.into(),
-                })?;
-            let reader =
-                FifoReader::open(Path::new(&paths.stdin), r).map_err(|source| IoError::Open {
-                    what: "stdin",
-                    path: paths.stdin.clone(),
-                    source,
-                })?;
-            stdio::relay_input(agent.clone(), cid.into(), exec_id.into(), reader);
-            stdin_stop = Some(w);
-        } else if !paths.terminal {
-            // With a terminal, closing stdin would type ^D into it.
-            if let Err(e) = agent.close_stdin(cid, exec_id).await {
-                tracing::debug!(error = %e, "closing an unused stdin");
-            }
-        }
-        let out = stdio::relay_output(agent.clone(), cid.into(), exec_id.into(), false, stdout);
-        let err = stdio::relay_output(agent.clone(), cid.into(), exec_id.into(), true, stderr);
-        Ok(ProcessIo {
-            out: Some(out),
-            err: Some(err),
-            stdin_stop,
-        })
+/// The endpoints of one process as the runtime's [`Stdio`], and the handle
+/// whose drop ends its stdin (`CloseIO`).
+pub fn endpoints(paths: &StdioPaths) -> Result<(Stdio, Option<OwnedFd>), IoError> {
+    let stdout = open_output("stdout", &paths.stdout)?;
+    let stderr = open_output("stderr", &paths.stderr)?;
+    let mut stdin_stop = None;
+    let mut stdin: Option<Box<dyn Read + Send>> = None;
+    if !paths.stdin.is_empty() {
+        let (r, w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| IoError::Open {
+                what: "stdin",
+                path: paths.stdin.clone(),
+                source: e.into(),
+            })?;
+        let reader =
+            FifoReader::open(Path::new(&paths.stdin), r).map_err(|source| IoError::Open {
+                what: "stdin",
+                path: paths.stdin.clone(),
+                source,
+            })?;
+        stdin = Some(Box::new(reader));
+        stdin_stop = Some(w);
     }
-
-    /// Ends the process's stdin once what was written so far is delivered.
-    pub fn close_stdin(&mut self) {
-        self.stdin_stop = None;
-    }
-
-    /// Waits (at most `timeout`) until the output is relayed, then stops
-    /// everything.
-    pub async fn finish(mut self, timeout: Duration) {
-        self.close_stdin();
-        let handles: Vec<JoinHandle<()>> = [self.out.take(), self.err.take()]
-            .into_iter()
-            .flatten()
-            .collect();
-        let aborts: Vec<_> = handles.iter().map(|h| h.abort_handle()).collect();
-        let wait = async move {
-            for h in handles {
-                let _ = h.await;
-            }
-        };
-        if tokio::time::timeout(timeout, wait).await.is_err() {
-            tracing::warn!("process output did not end within {timeout:?}; dropping the rest");
-            for a in aborts {
-                a.abort();
-            }
-        }
-    }
-}
-
-impl Drop for ProcessIo {
-    fn drop(&mut self) {
-        for h in [self.out.take(), self.err.take()].into_iter().flatten() {
-            h.abort();
-        }
-    }
+    Ok((
+        Stdio {
+            stdin,
+            stdout,
+            stderr,
+            terminal: paths.terminal,
+        },
+        stdin_stop,
+    ))
 }
 
 #[cfg(test)]

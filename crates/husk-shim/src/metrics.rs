@@ -1,29 +1,29 @@
-//! The guest's cgroup v2 statistics (agent `StatsContainer`) as
+//! The guest's cgroup v2 statistics (agent `StatsContainer`, as the runtime's typed [`Stats`]) as
 //! containerd's cgroup v2 metrics (`io.containerd.cgroups.v2.Metrics`, what
 //! `ctr task metrics` and the CRI decode). Converted exactly once, here.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use containerd_shim::protos::cgroups_v2::metrics::{
     CPUStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::{Message, MessageFull};
-use husk_protocol::agent::StatsContainerResponse;
+use husk_runtime::agent::Stats;
 
-fn stat(m: &HashMap<String, u64>, key: &str) -> u64 {
+fn stat(m: &BTreeMap<String, u64>, key: &str) -> u64 {
     m.get(key).copied().unwrap_or(0)
 }
 
 /// A `memory.stat` key, or the sum of its `_anon`/`_file` halves (newer
 /// kernels split some counters).
-fn stat_or_halves(m: &HashMap<String, u64>, key: &str) -> u64 {
+fn stat_or_halves(m: &BTreeMap<String, u64>, key: &str) -> u64 {
     m.get(key)
         .copied()
         .unwrap_or_else(|| stat(m, &format!("{key}_anon")) + stat(m, &format!("{key}_file")))
 }
 
-pub fn to_metrics(s: &StatsContainerResponse) -> Metrics {
+pub fn to_metrics(s: &Stats) -> Metrics {
     let m = &s.memory_stat;
     let memory = MemoryStat {
         anon: stat(m, "anon"),
@@ -96,7 +96,7 @@ pub fn to_metrics(s: &StatsContainerResponse) -> Metrics {
 }
 
 /// The metrics packed as containerd expects them in `StatsResponse`.
-pub fn to_any(s: &StatsContainerResponse) -> Result<Any, containerd_shim::protos::protobuf::Error> {
+pub fn to_any(s: &Stats) -> Result<Any, containerd_shim::protos::protobuf::Error> {
     let metrics = to_metrics(s);
     Ok(Any {
         type_url: Metrics::descriptor().full_name().to_string(),
@@ -111,7 +111,7 @@ mod tests {
 
     #[test]
     fn stats_become_cgroup_v2_metrics() {
-        let mut s = StatsContainerResponse {
+        let mut s = Stats {
             cpu_usage_usec: 10,
             cpu_user_usec: 6,
             cpu_system_usec: 4,

@@ -12,8 +12,10 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::PathBuf;
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use oci_spec::runtime::{LinuxResources, Process};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+
+use crate::agent::{ProcessInfo, Stats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -32,10 +34,10 @@ pub enum Request {
         all: bool,
         exec_id: String,
     },
-    /// Run `process` (OCI process JSON) in the container.
+    /// Run `process` (an OCI process) in the container.
     Exec {
         exec_id: String,
-        process: Value,
+        process: Box<Process>,
         stdio: ExecStdio,
     },
     /// Set the terminal size of the init (`exec_id` empty) or an exec.
@@ -48,9 +50,9 @@ pub enum Request {
     Ps,
     /// cgroup statistics.
     Stats,
-    /// New resource limits (OCI `linux.resources` JSON).
+    /// New resource limits (OCI `linux.resources`).
     Update {
-        resources: Value,
+        resources: Box<LinuxResources>,
     },
     Pause,
     Resume,
@@ -74,8 +76,15 @@ pub enum ExecStdio {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Ok {
-        value: Value,
+    /// The request was carried out; nothing to report.
+    Done,
+    /// `Ps`: the container's processes (guest pids).
+    Processes {
+        processes: Vec<ProcessInfo>,
+    },
+    /// `Stats`: the container's cgroup statistics.
+    Stats {
+        stats: Stats,
     },
     Error {
         message: String,
@@ -223,7 +232,12 @@ mod tests {
         );
         let e = Request::Exec {
             exec_id: "e1".into(),
-            process: serde_json::json!({"args": ["sh"]}),
+            process: Box::new(
+                serde_json::from_value(
+                    serde_json::json!({"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}}),
+                )
+                .unwrap(),
+            ),
             stdio: ExecStdio::ConsoleSocket("/tmp/c.sock".into()),
         };
         let back: Request = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();

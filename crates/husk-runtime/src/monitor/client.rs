@@ -4,8 +4,6 @@ use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use serde_json::Value;
-
 use super::api::{self, ApiError, Request, Response};
 use crate::sandbox_dir::MONITOR_SOCKET;
 
@@ -43,23 +41,18 @@ impl MonitorClient {
     }
 
     /// Sends `req` (with `fds`) and waits for the reply.
-    pub fn call(mut self, req: &Request, fds: &[RawFd]) -> Result<Value, ClientError> {
-        api::send_request(&mut self.stream, req, fds)?;
-        match api::recv_response(&mut self.stream)? {
-            Response::Ok { value } => Ok(value),
-            Response::Error { message } => Err(ClientError::Refused(message)),
-            other => Err(ClientError::Unexpected(other)),
-        }
+    pub fn call(mut self, req: &Request, fds: &[RawFd]) -> Result<Response, ClientError> {
+        self.begin(req, fds)
     }
 
     /// Sends `req` and returns once the first reply is `Ok`; the connection
     /// stays open for more replies (an exec's `Exit`).
-    pub fn begin(&mut self, req: &Request, fds: &[RawFd]) -> Result<Value, ClientError> {
+    pub fn begin(&mut self, req: &Request, fds: &[RawFd]) -> Result<Response, ClientError> {
         api::send_request(&mut self.stream, req, fds)?;
         match api::recv_response(&mut self.stream)? {
-            Response::Ok { value } => Ok(value),
             Response::Error { message } => Err(ClientError::Refused(message)),
-            other => Err(ClientError::Unexpected(other)),
+            Response::Exit { .. } => Err(ClientError::Unexpected(Response::Exit { status: 0 })),
+            r => Ok(r),
         }
     }
 

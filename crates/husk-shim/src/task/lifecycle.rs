@@ -1,25 +1,33 @@
-//! Creating, starting and deleting containers and execs: the parts of the
-//! task service that change what runs.
+//! Creating, starting and deleting containers and execs: containerd's
+//! calls mapped onto the sandbox's lifecycle.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::SystemTime;
 
 use containerd_shim::api::{CreateTaskRequest, DeleteResponse};
 use husk_hypervisor::qemu::Qemu;
+use husk_hypervisor::SystemProbe;
 use husk_runtime::bundle::Bundle;
-use husk_runtime::hooks;
 use husk_runtime::monitor::error_chain;
-use husk_runtime::pod::{self, Membership, Pod};
+use husk_runtime::pod::{self, Membership};
+use husk_runtime::sandbox::{Exit, HostPid, Sandbox};
+use husk_runtime::sandbox_dir::SandboxDir;
 
-use super::watch::{watch_exit, watch_oom};
-use super::{container_mut, process, process_mut, stdio, TaskService};
-use crate::container::{Container, Exit, ProcState, Process};
+use super::forward::forward_events;
+use super::{container_mut, stdio, TaskService};
+use crate::container::{Container, Process};
 use crate::error::{self, Result};
 use crate::events::{self, topics};
-use crate::io::{ProcessIo, DRAIN_TIMEOUT};
-use crate::{options, rootfs};
+use crate::{io, options, rootfs};
+
+fn exit_response(pid: u32, exit: Exit) -> DeleteResponse {
+    DeleteResponse {
+        pid,
+        exit_status: u32::try_from(exit.status.status).unwrap_or(255),
+        exited_at: Some(events::timestamp(exit.at)).into(),
+        ..Default::default()
+    }
+}
 
 impl TaskService {
     /// Creates container `cid` from its bundle (rootfs already mounted):
@@ -38,9 +46,9 @@ impl TaskService {
         let bundle =
             Bundle::load(Path::new(&req.bundle)).map_err(|e| error::invalid(error_chain(&e)))?;
         let paths = stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal);
-        let (pod, owner) = match pod::membership(&bundle.spec) {
+        let (sandbox, owner) = match pod::membership(&bundle.spec) {
             Membership::Owner => {
-                if let Some(p) = &inner.lock().pod {
+                if let Some(p) = &inner.lock().sandbox {
                     return Err(error::failed_precondition(format!(
                         "this shim runs pod {}; container {cid} must name it in its sandbox-id annotation",
                         p.id()
@@ -51,115 +59,79 @@ impl TaskService {
                 } else {
                     cfg.log_level.clone()
                 };
-                let pod = Pod::start(&cfg, &Qemu, &inner.root, cid, &bundle, &agent_log)
-                    .await
-                    .map_err(|e| error::pod(&e))?;
-                let pod = Arc::new(pod);
-                inner.lock().pod = Some(pod.clone());
-                watch_oom(inner.clone(), pod.clone());
-                (pod, true)
+                let dir = SandboxDir::create(&inner.root, cid)
+                    .map_err(|e| error::failed_precondition(error_chain(&e)))?;
+                let sandbox = Sandbox::launch(
+                    &cfg,
+                    &Qemu,
+                    &SystemProbe,
+                    dir,
+                    cid,
+                    &bundle,
+                    &agent_log,
+                    HostPid::Vm,
+                )
+                .await
+                .map_err(|e| error::sandbox(&e))?;
+                inner.lock().sandbox = Some(sandbox.clone());
+                forward_events(inner.clone(), &sandbox);
+                (sandbox, true)
             }
             Membership::Member { sandbox_id } => {
-                let pod = inner
+                let sandbox = inner
                     .lock()
-                    .pod
+                    .sandbox
                     .clone()
                     .filter(|p| p.id() == sandbox_id)
                     .ok_or_else(|| {
                         error::not_found(format!("pod {sandbox_id} does not run in this shim"))
                     })?;
-                (pod, false)
+                (sandbox, false)
             }
         };
-        let undo = |pod: Arc<Pod>| async move {
-            if owner {
-                pod.teardown().await;
-                inner.lock().pod = None;
-            } else if let Err(e) = pod.remove_container(cid).await {
-                tracing::warn!("{}", error_chain(&e));
-            }
+        let opened = io::endpoints(&paths).map_err(|e| error::invalid(error_chain(&e)));
+        let created = match opened {
+            Ok((endpoints, stop)) => sandbox
+                .create(cid, &bundle, endpoints)
+                .await
+                .map(|()| stop)
+                .map_err(|e| error::sandbox(&e)),
+            Err(e) => Err(e),
         };
-        if let Err(e) = pod.create_container(cid, &bundle).await {
-            undo(pod).await;
-            return Err(error::pod(&e));
-        }
-        let pid = pod.vm_pid();
-        let mut c = Container {
-            bundle: bundle.dir.clone(),
-            owner,
-            rootfs,
-            hooks: bundle.spec.hooks().clone().unwrap_or_default(),
-            annotations: bundle.spec.annotations().clone().unwrap_or_default(),
-            init: Process::new(String::new(), paths.clone()),
-            execs: HashMap::new(),
-            guest_exec_ids: Default::default(),
-            paused: None,
-        };
-        if c.hooks.create_container().is_some() || c.hooks.start_container().is_some() {
-            tracing::warn!("createContainer and startContainer hooks are not run: they belong in the container's namespaces, inside the VM");
-        }
-        let mut create_hooks = c.hooks.prestart().clone().unwrap_or_default();
-        create_hooks.extend(c.hooks.create_runtime().clone().unwrap_or_default());
-        if !create_hooks.is_empty() {
-            if let Err(e) = hooks::run("createRuntime", &create_hooks, &c.oci_state(cid, pid)).await
-            {
-                undo(pod).await;
-                return Err(error::failed_precondition(error_chain(&e)));
-            }
-        }
-        match ProcessIo::start(pod.agent(), cid, "", &paths).await {
-            Ok(io) => c.init.io = Some(io),
+        let stdin_stop = match created {
+            Ok(s) => s,
             Err(e) => {
-                undo(pod).await;
-                return Err(error::invalid(error_chain(&e)));
+                if owner {
+                    sandbox.teardown(false).await;
+                    inner.lock().sandbox = None;
+                }
+                return Err(e);
             }
-        }
-        inner.lock().containers.insert(cid.to_string(), c);
-        watch_exit(inner.clone(), pod, cid, "", "");
-        Ok(pid)
+        };
+        let mut init = Process::new(paths, true);
+        init.stdin_stop = stdin_stop;
+        inner.lock().containers.insert(
+            cid.to_string(),
+            Container {
+                bundle: bundle.dir.clone(),
+                rootfs,
+                init,
+                execs: HashMap::new(),
+            },
+        );
+        Ok(sandbox.host_pid())
     }
 
     pub(super) async fn start_init(&self, cid: &str) -> Result<u32> {
         let inner = &self.inner;
-        let pod = inner.pod()?;
-        {
-            let mut t = inner.lock();
-            let c = container_mut(&mut t, cid)?;
-            if c.init.state != ProcState::Created || c.init.starting {
-                return Err(error::failed_precondition(format!(
-                    "container {cid} was already started"
-                )));
-            }
-            c.init.starting = true;
-        }
-        let started = pod.agent().start_container(cid).await;
-        let pid = pod.vm_pid();
-        let (deferred, poststart, state) = {
-            let mut t = inner.lock();
-            let c = container_mut(&mut t, cid)?;
-            c.init.starting = false;
-            if started.is_ok() && c.init.state == ProcState::Created {
-                c.init.state = ProcState::Running;
-            }
-            (
-                c.init.deferred_exit.take(),
-                c.hooks.poststart().clone().unwrap_or_default(),
-                c.oci_state(cid, pid),
-            )
-        };
-        let publish_exit = |ev: Option<events::TaskExit>| async move {
-            if let Some(ev) = ev {
-                inner
-                    .publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev))
-                    .await;
-            }
-        };
+        let sandbox = inner.sandbox()?;
+        container_mut(&mut inner.lock(), cid)?;
+        inner.begin_start(cid, "");
+        let started = sandbox.start(cid).await;
+        let pid = sandbox.host_pid();
         if let Err(e) = started {
-            publish_exit(deferred).await;
-            return Err(error::agent(&e));
-        }
-        if !poststart.is_empty() {
-            hooks::run_logged("poststart", &poststart, &state).await;
+            inner.end_start(cid, "").await;
+            return Err(error::sandbox(&e));
         }
         let ev = events::TaskStart {
             container_id: cid.into(),
@@ -169,51 +141,60 @@ impl TaskService {
         inner
             .publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev))
             .await;
-        publish_exit(deferred).await;
+        inner.end_start(cid, "").await;
         Ok(pid)
     }
 
     pub(super) async fn start_exec(&self, cid: &str, exec_id: &str) -> Result<u32> {
         let inner = &self.inner;
-        let pod = inner.pod()?;
-        let (spec, paths, guest_id) = {
+        let sandbox = inner.sandbox()?;
+        let (spec, paths) = {
             let mut t = inner.lock();
-            let p = process_mut(container_mut(&mut t, cid)?, cid, exec_id)?;
-            match (p.state, p.spec.take()) {
-                (ProcState::Created, Some(spec)) => (spec, p.stdio.clone(), p.guest_id.clone()),
-                _ => {
+            let c = container_mut(&mut t, cid)?;
+            let p = c.execs.get_mut(exec_id).ok_or_else(|| {
+                error::not_found(format!("exec {exec_id} of container {cid} does not exist"))
+            })?;
+            match p.spec.take() {
+                Some(spec) => (spec, p.stdio.clone()),
+                None => {
                     return Err(error::failed_precondition(format!(
                         "exec {exec_id} of container {cid} was already started"
                     )))
                 }
             }
         };
-        let agent = pod.agent();
-        if let Err(e) = agent.exec_process(cid, &guest_id, spec.clone()).await {
+        let put_back = |spec: Vec<u8>| {
             if let Some(p) = container_mut(&mut inner.lock(), cid)
                 .ok()
                 .and_then(|c| c.execs.get_mut(exec_id))
             {
                 p.spec = Some(spec);
             }
-            return Err(error::agent(&e));
-        }
-        let io = match ProcessIo::start(agent, cid, &guest_id, &paths).await {
-            Ok(io) => io,
+        };
+        let (endpoints, stop) = match io::endpoints(&paths) {
+            Ok(x) => x,
             Err(e) => {
-                let _ = agent
-                    .signal_process(cid, &guest_id, libc::SIGKILL, false)
-                    .await;
+                put_back(spec);
                 return Err(error::invalid(error_chain(&e)));
             }
         };
+        inner.begin_start(cid, exec_id);
+        if let Err(e) = sandbox.exec(cid, exec_id, spec.clone(), endpoints).await {
+            inner.end_start(cid, exec_id).await;
+            put_back(spec);
+            return Err(error::sandbox(&e));
+        }
         {
             let mut t = inner.lock();
-            let p = process_mut(container_mut(&mut t, cid)?, cid, exec_id)?;
-            p.state = ProcState::Running;
-            p.io = Some(io);
+            if let Some(p) = container_mut(&mut t, cid)
+                .ok()
+                .and_then(|c| c.execs.get_mut(exec_id))
+            {
+                p.stdin_stop = stop;
+                p.in_sandbox.send_replace(true);
+            }
         }
-        let pid = pod.vm_pid();
+        let pid = sandbox.host_pid();
         let ev = events::TaskExecStarted {
             container_id: cid.into(),
             exec_id: exec_id.into(),
@@ -223,102 +204,72 @@ impl TaskService {
         inner
             .publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev))
             .await;
-        // Only now, so its end is never reported before its start (the
-        // agent keeps the status until it is asked).
-        watch_exit(inner.clone(), pod.clone(), cid, exec_id, &guest_id);
+        inner.end_start(cid, exec_id).await;
         Ok(pid)
     }
 
     pub(super) async fn delete_exec(&self, cid: &str, exec_id: &str) -> Result<DeleteResponse> {
-        let pid = self.inner.pid();
-        let p = {
-            let mut t = self.inner.lock();
-            let c = container_mut(&mut t, cid)?;
-            let p = process(c, cid, exec_id)?;
-            if p.state == ProcState::Running {
-                return Err(error::failed_precondition(format!(
-                    "exec {exec_id} of container {cid} is running: kill it before deleting it"
-                )));
-            }
-            c.execs.remove(exec_id).expect("checked above")
+        let sandbox = self.inner.sandbox()?;
+        let pid = sandbox.host_pid();
+        let started = {
+            let t = self.inner.lock();
+            let c = super::container(&t, cid)?;
+            let p = super::process(c, cid, exec_id)?;
+            let b = *p.in_sandbox.borrow();
+            b
         };
-        let exit = p.exited().unwrap_or(Exit {
-            status: 0,
-            at: SystemTime::now(),
-        });
-        if let Some(io) = { p }.io.take() {
-            io.finish(DRAIN_TIMEOUT).await;
+        let exit = if started {
+            sandbox
+                .delete_exec(cid, exec_id)
+                .await
+                .map_err(|e| error::sandbox(&e))?
+        } else {
+            Exit {
+                status: husk_runtime::agent::ExitStatus {
+                    status: 0,
+                    signal: 0,
+                },
+                at: std::time::SystemTime::now(),
+            }
+        };
+        if let Ok(c) = container_mut(&mut self.inner.lock(), cid) {
+            c.execs.remove(exec_id);
         }
-        Ok(DeleteResponse {
-            pid,
-            exit_status: exit.status,
-            exited_at: Some(events::timestamp(exit.at)).into(),
-            ..Default::default()
-        })
+        Ok(exit_response(pid, exit))
     }
 
-    /// Deletes a stopped (or never started) container: its processes'
-    /// output is drained, the guest forgets it and its rootfs is unmounted.
-    /// The pod's owner takes the pod, and whatever still runs in it, along.
+    /// Deletes a stopped (or never started) container; the pod's owner
+    /// takes the pod, and whatever still runs in it, along.
     pub(super) async fn delete_init(&self, cid: &str) -> Result<DeleteResponse> {
         let inner = &self.inner;
-        let pid = inner.pid();
-        let (owner, ios) = {
+        let sandbox = inner.sandbox()?;
+        let pid = sandbox.host_pid();
+        super::container(&inner.lock(), cid)?;
+        let exit = sandbox
+            .delete(cid, false)
+            .await
+            .map_err(|e| error::sandbox(&e))?;
+        let gone: Vec<Container> = {
             let mut t = inner.lock();
-            let c = container_mut(&mut t, cid)?;
-            if c.init.state == ProcState::Running {
-                return Err(error::failed_precondition(format!(
-                    "container {cid} is running: kill it before deleting it"
-                )));
+            if cid == sandbox.id() {
+                // The members went with the VM (the sandbox reported their
+                // ends); a later Delete of one finds nothing, which
+                // containerd takes as done.
+                t.sandbox = None;
+                t.containers.drain().map(|(_, c)| c).collect()
+            } else {
+                t.containers.remove(cid).into_iter().collect()
             }
-            let ios: Vec<ProcessIo> = std::iter::once(&mut c.init)
-                .chain(c.execs.values_mut())
-                .filter_map(|p| p.io.take())
-                .collect();
-            (c.owner, ios)
         };
-        for io in ios {
-            io.finish(DRAIN_TIMEOUT).await;
-        }
-        let pod = inner.lock().pod.clone();
-        if owner {
-            let members: Vec<String> = inner
-                .lock()
-                .containers
-                .keys()
-                .filter(|k| k.as_str() != cid)
-                .cloned()
-                .collect();
-            for m in members {
-                tracing::warn!(container = %m, pod = cid, "the pod goes away before this container of it");
-                self.drop_member(&m).await;
+        for c in gone {
+            if let Some(r) = &c.rootfs {
+                rootfs::unmount(r);
             }
-            if let Some(pod) = pod {
-                pod.teardown().await;
-            }
-            inner.lock().pod = None;
-        } else if let Some(pod) = pod {
-            if let Err(e) = pod.remove_container(cid).await {
-                tracing::warn!("{}", error_chain(&e));
-            }
-        }
-        let Some(mut c) = inner.lock().containers.remove(cid) else {
-            return Err(error::not_found(format!("container {cid} does not exist")));
-        };
-        if let Some(r) = &c.rootfs {
-            rootfs::unmount(r);
-        }
-        // A container deleted before it ran was killed by the deletion.
-        c.init.set_exited(128 + libc::SIGKILL as u32);
-        let exit = c.init.exited().expect("set above");
-        let poststop = c.hooks.poststop().clone().unwrap_or_default();
-        if !poststop.is_empty() {
-            hooks::run_logged("poststop", &poststop, &c.oci_state(cid, pid)).await;
         }
         let ev = events::TaskDelete {
             container_id: cid.into(),
             pid,
-            exit_status: exit.status,
+            exit_status: u32::try_from(exit.status.status).unwrap_or(255),
             exited_at: Some(events::timestamp(exit.at)).into(),
             id: cid.into(),
             ..Default::default()
@@ -326,52 +277,6 @@ impl TaskService {
         inner
             .publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev))
             .await;
-        Ok(DeleteResponse {
-            pid,
-            exit_status: exit.status,
-            exited_at: Some(events::timestamp(exit.at)).into(),
-            ..Default::default()
-        })
-    }
-
-    /// Ends a container of a pod that is going away: its processes are
-    /// reported killed and its rootfs unmounted; a later `Delete` of it
-    /// finds nothing (containerd takes that as done).
-    async fn drop_member(&self, cid: &str) {
-        let Some(mut c) = self.inner.lock().containers.remove(cid) else {
-            return;
-        };
-        let mut ended = Vec::new();
-        for (exec_id, p) in std::iter::once((String::new(), &mut c.init))
-            .chain(c.execs.iter_mut().map(|(k, v)| (k.clone(), v)))
-        {
-            if let Some(io) = p.io.take() {
-                drop(io);
-            }
-            if let Some(exit) = p.set_exited(128 + libc::SIGKILL as u32) {
-                ended.push((exec_id, exit));
-            }
-        }
-        if let Some(r) = &c.rootfs {
-            rootfs::unmount(r);
-        }
-        let pid = self.inner.pid();
-        for (exec_id, exit) in ended {
-            let ev = events::TaskExit {
-                container_id: cid.into(),
-                id: if exec_id.is_empty() {
-                    cid.to_string()
-                } else {
-                    exec_id
-                },
-                pid,
-                exit_status: exit.status,
-                exited_at: Some(events::timestamp(exit.at)).into(),
-                ..Default::default()
-            };
-            self.inner
-                .publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev))
-                .await;
-        }
+        Ok(exit_response(pid, exit))
     }
 }

@@ -1,19 +1,19 @@
-//! containerd's task service (`containerd.task.v2.Task`) over a husk pod.
+//! containerd's task service (`containerd.task.v2.Task`): a thin adapter
+//! from containerd's task API to the runtime's one lifecycle model
+//! ([`husk_runtime::sandbox::Sandbox`]). Statuses, exits, stdio relays,
+//! hooks, pause and delete policy live there; this file translates names,
+//! codes and events, behind a lock that is never held across an await.
 //!
-//! Each RPC is a few lines over [`Pod`] and its agent client; the state
-//! containerd sees (statuses, exits, stdio) lives in [`Tasks`], behind a
-//! lock that is never held across an await.
-//!
-//! `lifecycle` creates, starts and deletes; `watch` follows the guest.
+//! `lifecycle` creates, starts and deletes; `forward` passes events on.
 //!
 //! Pids: containerd wants a host pid per process. The processes run in the
 //! guest, so every process of a pod reports the pod's QEMU process, which
 //! lives exactly as long as the pod's VM. `Pids` lists the guest's pids.
 
+mod forward;
 mod lifecycle;
-mod watch;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -30,10 +30,10 @@ use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
 use husk_runtime::config::Config;
-use husk_runtime::pod::Pod;
+use husk_runtime::sandbox::Sandbox;
 use husk_runtime::sandbox_dir::validate_id;
 
-use crate::container::{Container, Paused, ProcState, Process};
+use crate::container::{self, Container, Process};
 use crate::error::{self, Result};
 use crate::events::{self, topics, Events};
 use crate::io::StdioPaths;
@@ -41,8 +41,12 @@ use crate::{metrics, rootfs};
 
 #[derive(Default)]
 struct Tasks {
-    pod: Option<Arc<Pod>>,
+    sandbox: Option<Arc<Sandbox>>,
     containers: HashMap<String, Container>,
+    /// `(container, exec)` whose start is being reported: their exit waits
+    /// in `deferred`, so containerd never hears of an end before its start.
+    starting: HashSet<(String, String)>,
+    deferred: HashMap<(String, String), events::TaskExit>,
 }
 
 struct Inner {
@@ -74,14 +78,6 @@ fn container_mut<'a>(t: &'a mut Tasks, id: &str) -> Result<&'a mut Container> {
 
 fn process<'a>(c: &'a Container, id: &str, exec_id: &str) -> Result<&'a Process> {
     c.process(exec_id).ok_or_else(|| {
-        error::not_found(format!(
-            "process {exec_id} of container {id} does not exist"
-        ))
-    })
-}
-
-fn process_mut<'a>(c: &'a mut Container, id: &str, exec_id: &str) -> Result<&'a mut Process> {
-    c.process_mut(exec_id).ok_or_else(|| {
         error::not_found(format!(
             "process {exec_id} of container {id} does not exist"
         ))
@@ -120,57 +116,40 @@ impl TaskService {
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, Tasks> {
-        self.tasks.lock().expect("task state lock")
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn pod(&self) -> Result<Arc<Pod>> {
+    fn sandbox(&self) -> Result<Arc<Sandbox>> {
         self.lock()
-            .pod
+            .sandbox
             .clone()
             .ok_or_else(|| error::failed_precondition("this shim runs no pod"))
     }
 
     fn pid(&self) -> u32 {
-        self.lock().pod.as_ref().map_or(0, |p| p.vm_pid())
+        self.lock().sandbox.as_ref().map_or(0, |p| p.host_pid())
     }
 
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
         self.events.publish(topic, event).await;
     }
 
-    /// Records that `(cid, exec_id)` ended with `status` and tells
-    /// containerd, unless its end was already recorded.
-    async fn process_exited(&self, cid: &str, exec_id: &str, status: u32) {
-        let event = {
+    fn begin_start(&self, cid: &str, exec_id: &str) {
+        self.lock().starting.insert((cid.into(), exec_id.into()));
+    }
+
+    /// The start is reported: an exit held back meanwhile goes out now.
+    async fn end_start(&self, cid: &str, exec_id: &str) {
+        let deferred = {
             let mut t = self.lock();
-            let pid = t.pod.as_ref().map_or(0, |p| p.vm_pid());
-            let Some(p) = t
-                .containers
-                .get_mut(cid)
-                .and_then(|c| c.process_mut(exec_id))
-            else {
-                return;
-            };
-            let Some(exit) = p.set_exited(status) else {
-                return;
-            };
-            let event = events::TaskExit {
-                container_id: cid.into(),
-                id: if exec_id.is_empty() { cid } else { exec_id }.into(),
-                pid,
-                exit_status: exit.status,
-                exited_at: Some(events::timestamp(exit.at)).into(),
-                ..Default::default()
-            };
-            tracing::info!(container = cid, exec = exec_id, status, "process exited");
-            if p.starting {
-                p.deferred_exit = Some(event);
-                return;
-            }
-            event
+            let key = (cid.to_string(), exec_id.to_string());
+            t.starting.remove(&key);
+            t.deferred.remove(&key)
         };
-        self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event))
-            .await;
+        if let Some(ev) = deferred {
+            self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev))
+                .await;
+        }
     }
 }
 
@@ -255,21 +234,32 @@ impl Task for TaskService {
     }
 
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
-        let pid = self.inner.pid();
-        let t = self.inner.lock();
-        let c = container(&t, &req.id)?;
-        let p = process(c, &req.id, &req.exec_id)?;
-        let exit = p.exited();
+        let sandbox = self.inner.sandbox()?;
+        let (bundle, paths, in_sandbox) = {
+            let t = self.inner.lock();
+            let c = container(&t, &req.id)?;
+            let p = process(c, &req.id, &req.exec_id)?;
+            let in_sandbox = *p.in_sandbox.borrow();
+            (c.bundle.clone(), p.stdio.clone(), in_sandbox)
+        };
+        let lifecycle = sandbox.status(&req.id).map_err(|e| error::sandbox(&e))?;
+        let exit = if in_sandbox {
+            sandbox
+                .exited(&req.id, &req.exec_id)
+                .map_err(|e| error::sandbox(&e))?
+        } else {
+            None
+        };
         Ok(StateResponse {
             id: req.id.clone(),
-            bundle: c.bundle.to_string_lossy().into_owned(),
-            pid,
-            status: c.status(&req.exec_id).into(),
-            stdin: p.stdio.stdin.clone(),
-            stdout: p.stdio.stdout.clone(),
-            stderr: p.stdio.stderr.clone(),
-            terminal: p.stdio.terminal,
-            exit_status: exit.map_or(0, |e| e.status),
+            bundle: bundle.to_string_lossy().into_owned(),
+            pid: sandbox.host_pid(),
+            status: container::status(lifecycle, in_sandbox, exit).into(),
+            stdin: paths.stdin,
+            stdout: paths.stdout,
+            stderr: paths.stderr,
+            terminal: paths.terminal,
+            exit_status: exit.map_or(0, |e| u32::try_from(e.status.status).unwrap_or(255)),
             exited_at: exit.map(|e| events::timestamp(e.at)).into(),
             exec_id: req.exec_id.clone(),
             ..Default::default()
@@ -277,13 +267,9 @@ impl Task for TaskService {
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
-        let pod = self.inner.pod()?;
+        let sandbox = self.inner.sandbox()?;
         container(&self.inner.lock(), &req.id)?;
-        let list = pod
-            .agent()
-            .list_processes(&req.id)
-            .await
-            .map_err(|e| error::agent(&e))?;
+        let list = sandbox.ps(&req.id).await.map_err(|e| error::sandbox(&e))?;
         Ok(PidsResponse {
             processes: list
                 .iter()
@@ -296,34 +282,14 @@ impl Task for TaskService {
         })
     }
 
-    /// A container alone in its VM is paused by stopping the VM (nothing of
-    /// it runs, not even its kernel); one that shares the VM gets SIGSTOP.
+    /// Freezes the container's processes (the lifecycle's pause).
     async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
-        let pod = self.inner.pod()?;
-        let kind = {
-            let t = self.inner.lock();
-            let c = container(&t, &req.id)?;
-            if c.init.state != ProcState::Running || c.paused.is_some() {
-                return Err(error::failed_precondition(format!(
-                    "container {} is not running",
-                    req.id
-                )));
-            }
-            if t.containers.len() == 1 {
-                Paused::Vm
-            } else {
-                Paused::Signals
-            }
-        };
-        match kind {
-            Paused::Vm => pod.pause().await.map_err(|e| error::pod(&e))?,
-            Paused::Signals => pod
-                .agent()
-                .signal_process(&req.id, "", libc::SIGSTOP, true)
-                .await
-                .map_err(|e| error::agent(&e))?,
-        }
-        container_mut(&mut self.inner.lock(), &req.id)?.paused = Some(kind);
+        let sandbox = self.inner.sandbox()?;
+        container(&self.inner.lock(), &req.id)?;
+        sandbox
+            .pause(&req.id)
+            .await
+            .map_err(|e| error::sandbox(&e))?;
         let ev = events::TaskPaused {
             container_id: req.id.clone(),
             ..Default::default()
@@ -335,13 +301,19 @@ impl Task for TaskService {
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
-        let pod = self.inner.pod()?;
-        let kind = container(&self.inner.lock(), &req.id)?
-            .paused
-            .ok_or_else(|| {
-                error::failed_precondition(format!("container {} is not paused", req.id))
-            })?;
-        self.resume_container(&pod, &req.id, kind).await?;
+        let sandbox = self.inner.sandbox()?;
+        container(&self.inner.lock(), &req.id)?;
+        sandbox
+            .resume(&req.id)
+            .await
+            .map_err(|e| error::sandbox(&e))?;
+        let ev = events::TaskResumed {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        self.inner
+            .publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(ev))
+            .await;
         Ok(Empty::default())
     }
 
@@ -357,26 +329,26 @@ impl Task for TaskService {
 
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
         tracing::info!(container = %req.id, exec = %req.exec_id, signal = req.signal, all = req.all, "kill");
-        let pod = self.inner.pod()?;
-        let (paused, guest_id) = {
+        let sandbox = self.inner.sandbox()?;
+        let in_sandbox = {
             let t = self.inner.lock();
             let c = container(&t, &req.id)?;
             let p = process(c, &req.id, &req.exec_id)?;
-            if p.state == ProcState::Stopped {
-                return Err(error::not_found("process already finished"));
-            }
-            (c.paused, p.guest_id.clone())
+            let b = *p.in_sandbox.borrow();
+            b
         };
-        // A stopped VM cannot deliver signals: let it run again first.
-        if paused == Some(Paused::Vm) {
-            self.resume_container(&pod, &req.id, Paused::Vm).await?;
+        if !in_sandbox {
+            return Err(error::failed_precondition(format!(
+                "exec {} of container {} was not started",
+                req.exec_id, req.id
+            )));
         }
         let signal = i32::try_from(req.signal)
             .map_err(|_| error::invalid(format!("invalid signal {}", req.signal)))?;
-        pod.agent()
-            .signal_process(&req.id, &guest_id, signal, req.all)
+        sandbox
+            .kill(&req.id, &req.exec_id, signal, req.all)
             .await
-            .map_err(|e| error::agent(&e))?;
+            .map_err(|e| error::sandbox(&e))?;
         Ok(Empty::default())
     }
 
@@ -391,25 +363,25 @@ impl Task for TaskService {
         serde_json::from_value::<oci_spec::runtime::Process>(process.clone())
             .map_err(|e| error::invalid(format!("invalid exec process spec: {e}")))?;
         process["terminal"] = serde_json::Value::Bool(req.terminal);
+        let sandbox = self.inner.sandbox()?;
+        let status = sandbox.status(&req.id).map_err(|e| error::sandbox(&e))?;
+        if !status.can_exec() {
+            return Err(error::failed_precondition(
+                status.refusal(husk_runtime::status::Verb::Exec, &req.id),
+            ));
+        }
         {
             let mut t = self.inner.lock();
             let c = container_mut(&mut t, &req.id)?;
-            if c.init.state != ProcState::Running {
-                return Err(error::failed_precondition(format!(
-                    "container {} is not running",
-                    req.id
-                )));
-            }
             if c.execs.contains_key(&req.exec_id) {
                 return Err(error::status(
                     containerd_shim::protos::ttrpc::Code::ALREADY_EXISTS,
                     format!("exec {} already exists", req.exec_id),
                 ));
             }
-            let guest_id = c.new_guest_exec_id(&req.exec_id);
             let mut p = Process::new(
-                guest_id,
                 stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal),
+                false,
             );
             p.spec = Some(serde_json::to_vec(&process).expect("JSON value serializes"));
             c.execs.insert(req.exec_id.clone(), p);
@@ -426,77 +398,77 @@ impl Task for TaskService {
     }
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
-        let pod = self.inner.pod()?;
-        let guest_id = {
-            let t = self.inner.lock();
-            process(container(&t, &req.id)?, &req.id, &req.exec_id)?
-                .guest_id
-                .clone()
-        };
-        pod.agent()
-            .resize_pty(&req.id, &guest_id, req.height, req.width)
+        let sandbox = self.inner.sandbox()?;
+        sandbox
+            .resize(&req.id, &req.exec_id, req.height, req.width)
             .await
-            .map_err(|e| error::agent(&e))?;
+            .map_err(|e| error::sandbox(&e))?;
         Ok(Empty::default())
     }
 
     async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
         if req.stdin {
             let mut t = self.inner.lock();
-            let p = process_mut(container_mut(&mut t, &req.id)?, &req.id, &req.exec_id)?;
-            if let Some(io) = p.io.as_mut() {
-                io.close_stdin();
+            let c = container_mut(&mut t, &req.id)?;
+            if let Some(p) = c.process_mut(&req.exec_id) {
+                p.stdin_stop = None;
             }
         }
         Ok(Empty::default())
     }
 
     async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
-        let pod = self.inner.pod()?;
+        let sandbox = self.inner.sandbox()?;
         let Some(any) = req.resources.as_ref() else {
             return Err(error::invalid("update carries no resources"));
         };
         serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&any.value)
             .map_err(|e| error::invalid(format!("invalid linux resources: {e}")))?;
-        self.check_reachable(&req.id)?;
-        pod.agent()
-            .update_container(&req.id, any.value.clone())
+        sandbox
+            .update(&req.id, any.value.clone())
             .await
-            .map_err(|e| error::agent(&e))?;
+            .map_err(|e| error::sandbox(&e))?;
         Ok(Empty::default())
     }
 
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
-        let mut rx = {
+        let sandbox = self.inner.sandbox()?;
+        let mut in_sandbox = {
             let t = self.inner.lock();
             process(container(&t, &req.id)?, &req.id, &req.exec_id)?
-                .exit
+                .in_sandbox
                 .subscribe()
         };
+        let gone = || {
+            error::not_found(format!(
+                "process {} of container {} was deleted",
+                req.exec_id, req.id
+            ))
+        };
+        // ctr waits on an exec before it starts it.
+        if in_sandbox.wait_for(|s| *s).await.is_err() {
+            return Err(gone());
+        }
+        let mut rx = sandbox
+            .wait(&req.id, &req.exec_id)
+            .map_err(|e| error::sandbox(&e))?;
         let exit = match rx.wait_for(Option::is_some).await {
             Ok(e) => e.expect("waited for Some"),
-            Err(_) => {
-                return Err(error::not_found(format!(
-                    "process {} of container {} was deleted",
-                    req.exec_id, req.id
-                )))
-            }
+            Err(_) => return Err(gone()),
         };
         Ok(WaitResponse {
-            exit_status: exit.status,
+            exit_status: u32::try_from(exit.status.status).unwrap_or(255),
             exited_at: Some(events::timestamp(exit.at)).into(),
             ..Default::default()
         })
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
-        let pod = self.inner.pod()?;
-        self.check_reachable(&req.id)?;
-        let s = pod
-            .agent()
-            .stats_container(&req.id)
+        let sandbox = self.inner.sandbox()?;
+        let s = sandbox
+            .stats(&req.id)
             .await
-            .map_err(|e| error::agent(&e))?;
+            .map_err(|e| error::sandbox(&e))?;
         let any = metrics::to_any(&s).map_err(|e| error::internal(&e))?;
         Ok(StatsResponse {
             stats: Some(any).into(),
@@ -520,55 +492,18 @@ impl Task for TaskService {
     /// containerd asks after each container's deletion; the shim goes once
     /// its last container has.
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
-        let pod = {
+        let sandbox = {
             let mut t = self.inner.lock();
             if !t.containers.is_empty() {
                 return Ok(Empty::default());
             }
-            t.pod.take()
+            t.sandbox.take()
         };
-        if let Some(pod) = pod {
-            pod.teardown().await;
+        if let Some(s) = sandbox {
+            s.teardown(false).await;
         }
         tracing::info!("no containers left; the shim exits");
         self.inner.exit.signal();
         Ok(Empty::default())
-    }
-}
-
-impl TaskService {
-    /// The container exists, runs, and its VM is not stopped.
-    fn check_reachable(&self, cid: &str) -> Result<()> {
-        let t = self.inner.lock();
-        let c = container(&t, cid)?;
-        if c.init.state == ProcState::Stopped {
-            return Err(error::not_found(format!("container {cid} has exited")));
-        }
-        if c.paused == Some(Paused::Vm) {
-            return Err(error::failed_precondition(format!(
-                "container {cid} is paused"
-            )));
-        }
-        Ok(())
-    }
-
-    async fn resume_container(&self, pod: &Pod, cid: &str, kind: Paused) -> Result<()> {
-        match kind {
-            Paused::Vm => pod.resume().await.map_err(|e| error::pod(&e))?,
-            Paused::Signals => pod
-                .agent()
-                .signal_process(cid, "", libc::SIGCONT, true)
-                .await
-                .map_err(|e| error::agent(&e))?,
-        }
-        container_mut(&mut self.inner.lock(), cid)?.paused = None;
-        let ev = events::TaskResumed {
-            container_id: cid.into(),
-            ..Default::default()
-        };
-        self.inner
-            .publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(ev))
-            .await;
-        Ok(())
     }
 }

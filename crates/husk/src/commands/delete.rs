@@ -1,11 +1,12 @@
 use std::time::{Duration, Instant};
 
-use husk_runtime::bundle::Bundle;
 use husk_runtime::hooks;
 use husk_runtime::monitor::api::Request;
 use husk_runtime::monitor::client::ClientError;
+use husk_runtime::pod::kill_if_mentions;
 use husk_runtime::sandbox_dir::remove_leftovers;
 use husk_runtime::state::{ContainerState, StateError, Status};
+use husk_runtime::status::Verb;
 
 use crate::cli::{DeleteArgs, GlobalOpts};
 
@@ -28,13 +29,14 @@ pub fn delete(g: &GlobalOpts, a: DeleteArgs) -> anyhow::Result<u8> {
         }
         Err(e) => return Err(e),
     };
-    let status = t.status();
-    if !a.force && matches!(status, Status::Running | Status::Paused) {
-        anyhow::bail!(
-            "cannot delete container {}: it is {status}; stop it first or use --force",
-            a.id
-        );
-    }
+    t.require(if a.force {
+        Verb::ForceDelete
+    } else {
+        Verb::Delete
+    })?;
+    // The monitor runs the poststop hooks when it deletes the container;
+    // otherwise (it is gone, or the container ended on its own) they run here.
+    let mut poststop_done = false;
     if t.state.monitor_alive() {
         // A recorded `stopped` means the container has exited and its
         // monitor is tearing the sandbox down (it no longer answers): let
@@ -42,37 +44,32 @@ pub fn delete(g: &GlobalOpts, a: DeleteArgs) -> anyhow::Result<u8> {
         // down; a monitor that went away meanwhile leaves the same state.
         if t.state.status != Status::Stopped {
             match t.call(&Request::Delete { force: true }) {
-                Ok(_) => {}
+                Ok(_) => poststop_done = true,
                 Err(ClientError::Unreachable { .. }) if t.stopped_since() => {}
                 Err(e) => return Err(e.into()),
             }
         }
         wait_gone(&t.state);
     }
-    kill_stray_vm(&t.state, &dir);
+    // A QEMU outlives its monitor only if something went badly wrong (it
+    // dies with its parent); make sure, checking it is really this sandbox's.
+    if let Some(pid) = t.state.vm_pid {
+        kill_if_mentions(pid as i32, &dir);
+    }
     if dir.exists() {
         remove_leftovers(&dir);
     }
-    run_poststop(&t.state);
+    if !poststop_done {
+        run_poststop(&t.state);
+    }
     Ok(0)
 }
 
-/// Runs the bundle's poststop hooks, as the runtime spec says: after the
-/// container is deleted, before `delete` returns. Failures are logged.
+/// Runs the poststop hooks recorded at create (not what `config.json`
+/// says by now), as the runtime spec says: after the container is deleted,
+/// before `delete` returns. Failures are logged.
 fn run_poststop(s: &ContainerState) {
-    let hooks = match Bundle::load(&s.bundle) {
-        Ok(b) => b
-            .spec
-            .hooks()
-            .as_ref()
-            .and_then(|h| h.poststop().clone())
-            .unwrap_or_default(),
-        Err(e) => {
-            tracing::debug!("no poststop hooks run: {e}");
-            return;
-        }
-    };
-    if hooks.is_empty() {
+    if s.poststop.is_empty() {
         return;
     }
     let mut stopped = s.clone();
@@ -82,7 +79,7 @@ fn run_poststop(s: &ContainerState) {
         .enable_all()
         .build()
     {
-        Ok(rt) => rt.block_on(hooks::run_logged("poststop", &hooks, &state)),
+        Ok(rt) => rt.block_on(hooks::run_logged("poststop", &s.poststop, &state)),
         Err(e) => tracing::warn!("cannot run the poststop hooks: {e}"),
     }
 }
@@ -96,20 +93,5 @@ fn wait_gone(s: &ContainerState) {
     let start = Instant::now();
     while s.monitor_alive() && start.elapsed() < MONITOR_EXIT_TIMEOUT {
         std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// A QEMU outlives its monitor only if something went badly wrong (it dies
-/// with its parent); make sure, checking it is really this sandbox's.
-fn kill_stray_vm(s: &ContainerState, dir: &std::path::Path) {
-    let Some(pid) = s.vm_pid else { return };
-    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return;
-    };
-    if String::from_utf8_lossy(&cmd).contains(&*dir.to_string_lossy()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
     }
 }

@@ -1,8 +1,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use husk_runtime::monitor::api::Request;
-use husk_runtime::state::Status;
+use husk_runtime::agent::Stats;
+use husk_runtime::monitor::api::{Request, Response};
+use husk_runtime::status::Verb;
 use serde_json::{json, Value};
 
 use crate::cli::{EventsArgs, GlobalOpts};
@@ -29,27 +30,26 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
 }
 
 /// runc's `stats` event data from the monitor's cgroup v2 numbers.
-pub fn runc_stats(s: &Value) -> Value {
-    let u = |k: &str| s[k].as_u64().unwrap_or(0);
+pub fn runc_stats(s: &Stats) -> Value {
     json!({
         "cpu": {
             "usage": {
-                "total": u("cpu_usage_usec") * 1000,
-                "kernel": u("cpu_system_usec") * 1000,
-                "user": u("cpu_user_usec") * 1000,
+                "total": s.cpu_usage_usec * 1000,
+                "kernel": s.cpu_system_usec * 1000,
+                "user": s.cpu_user_usec * 1000,
             },
             "throttling": {
-                "periods": u("cpu_nr_periods"),
-                "throttledPeriods": u("cpu_nr_throttled"),
-                "throttledTime": u("cpu_throttled_usec") * 1000,
+                "periods": s.cpu_nr_periods,
+                "throttledPeriods": s.cpu_nr_throttled,
+                "throttledTime": s.cpu_throttled_usec * 1000,
             }
         },
         "memory": {
-            "usage": {"limit": u("memory_limit"), "usage": u("memory_usage"), "max": u("memory_peak"), "failcnt": u("memory_oom_kills")},
-            "swap": {"usage": u("memory_swap_usage")},
-            "raw": s["memory_stat"],
+            "usage": {"limit": s.memory_limit, "usage": s.memory_usage, "max": s.memory_peak, "failcnt": s.memory_oom_kills},
+            "swap": {"usage": s.memory_swap_usage},
+            "raw": s.memory_stat,
         },
-        "pids": {"current": u("pids_current"), "limit": u("pids_limit")},
+        "pids": {"current": s.pids_current, "limit": s.pids_limit},
     })
 }
 
@@ -58,21 +58,15 @@ pub fn events(g: &GlobalOpts, a: EventsArgs) -> anyhow::Result<u8> {
     loop {
         let t = super::Target::open(g, &a.id)?;
         if a.stats {
-            t.require(
-                &[Status::Created, Status::Running],
-                "read the statistics of",
-            )?;
-        } else if !matches!(
-            t.status(),
-            Status::Created | Status::Running | Status::Paused
-        ) {
+            t.require(Verb::Inspect)?;
+        } else if !t.status().can_inspect() {
             return Ok(0);
         }
-        if t.status() != Status::Paused {
-            let s = t.ask(&Request::Stats)?;
-            let ev = json!({"type": "stats", "id": a.id, "data": runc_stats(&s)});
-            outln!("{ev}");
-        }
+        let Response::Stats { stats } = t.ask(&Request::Stats)? else {
+            anyhow::bail!("the monitor of {} answered Stats with something else", a.id);
+        };
+        let ev = json!({"type": "stats", "id": a.id, "data": runc_stats(&stats)});
+        outln!("{ev}");
         drop(t);
         if a.stats {
             return Ok(0);
@@ -96,7 +90,12 @@ mod tests {
 
     #[test]
     fn stats_convert_to_nanoseconds() {
-        let v = runc_stats(&json!({"cpu_usage_usec": 3, "memory_usage": 4096, "pids_current": 2}));
+        let v = runc_stats(&Stats {
+            cpu_usage_usec: 3,
+            memory_usage: 4096,
+            pids_current: 2,
+            ..Default::default()
+        });
         assert_eq!(v["cpu"]["usage"]["total"], 3000);
         assert_eq!(v["memory"]["usage"]["usage"], 4096);
         assert_eq!(v["pids"]["current"], 2);

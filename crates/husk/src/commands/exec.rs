@@ -5,7 +5,8 @@ use husk_runtime::bundle::Bundle;
 use husk_runtime::console;
 use husk_runtime::monitor::api::{ExecStdio, Request};
 use husk_runtime::monitor::client::MonitorClient;
-use husk_runtime::state::{ContainerState, Status};
+use husk_runtime::state::ContainerState;
+use husk_runtime::status::Verb;
 use serde_json::{json, Value};
 use signal_hook::consts::signal::*;
 
@@ -110,7 +111,7 @@ fn build_process(state: &ContainerState, a: &ExecArgs) -> anyhow::Result<Value> 
 
 pub fn exec(g: &GlobalOpts, a: ExecArgs) -> anyhow::Result<u8> {
     let t = super::Target::open(g, &a.id)?;
-    t.require(&[Status::Running], "exec in")?;
+    t.require(Verb::Exec)?;
     let process = build_process(&t.state, &a)?;
     let tty = process["terminal"].as_bool().unwrap_or(false);
     let nanos = std::time::SystemTime::now()
@@ -137,7 +138,10 @@ pub fn exec(g: &GlobalOpts, a: ExecArgs) -> anyhow::Result<u8> {
     let begun = client.begin(
         &Request::Exec {
             exec_id: exec_id.clone(),
-            process,
+            process: Box::new(
+                serde_json::from_value(process)
+                    .map_err(|e| anyhow::anyhow!("invalid process: {e}"))?,
+            ),
             stdio,
         },
         &fds,

@@ -21,10 +21,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use husk_runtime::config::Config;
-use husk_runtime::monitor::api::Request;
+use husk_runtime::monitor::api::{Request, Response};
 use husk_runtime::monitor::client::{ClientError, MonitorClient};
 use husk_runtime::sandbox_dir::validate_id;
 use husk_runtime::state::{ContainerLock, ContainerState, Status};
+use husk_runtime::status::Verb;
 
 use crate::cli::{Cli, Command, GlobalOpts};
 
@@ -95,7 +96,7 @@ impl Target {
     }
 
     /// Sends one request to the container's monitor.
-    pub fn ask(&self, req: &Request) -> anyhow::Result<serde_json::Value> {
+    pub fn ask(&self, req: &Request) -> anyhow::Result<Response> {
         match self.call(req) {
             // The container exited after this verb read its state: say so.
             Err(ClientError::Unreachable { .. }) if self.stopped_since() => {
@@ -106,7 +107,7 @@ impl Target {
     }
 
     /// Sends one request to the container's monitor.
-    pub fn call(&self, req: &Request) -> Result<serde_json::Value, ClientError> {
+    pub fn call(&self, req: &Request) -> Result<Response, ClientError> {
         MonitorClient::connect(&self.dir, &self.state.id)?.call(req, &[])
     }
 
@@ -118,13 +119,14 @@ impl Target {
                 .is_ok_and(|s| s.status == Status::Stopped)
     }
 
-    /// Fails unless the container is in one of `ok`.
-    pub fn require(&self, ok: &[Status], verb: &str) -> anyhow::Result<()> {
+    /// Fails unless the container's status allows `verb` (the lifecycle's
+    /// one state machine, [`Status::allows`]).
+    pub fn require(&self, verb: Verb) -> anyhow::Result<()> {
         let s = self.status();
-        if ok.contains(&s) {
+        if s.allows(verb) {
             Ok(())
         } else {
-            anyhow::bail!("cannot {verb} container {}: it is {s}", self.state.id)
+            anyhow::bail!("{}", s.refusal(verb, &self.state.id))
         }
     }
 }

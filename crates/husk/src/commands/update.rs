@@ -1,6 +1,6 @@
 use anyhow::Context;
 use husk_runtime::monitor::api::Request;
-use husk_runtime::state::Status;
+use husk_runtime::status::Verb;
 use serde_json::{json, Map, Value};
 
 use crate::cli::{GlobalOpts, UpdateArgs};
@@ -98,8 +98,12 @@ pub fn update(g: &GlobalOpts, a: UpdateArgs) -> anyhow::Result<u8> {
         );
     }
     let t = super::Target::open(g, &a.id)?;
-    t.require(&[Status::Created, Status::Running], "update")?;
-    t.ask(&Request::Update { resources })?;
+    t.require(Verb::Update)?;
+    let resources: oci_spec::runtime::LinuxResources =
+        serde_json::from_value(resources).map_err(|e| anyhow::anyhow!("invalid resources: {e}"))?;
+    t.ask(&Request::Update {
+        resources: Box::new(resources),
+    })?;
     Ok(0)
 }
 
