@@ -208,6 +208,17 @@ impl Agent for AgentService {
         })
     }
 
+    async fn pause_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> Reply<Empty> {
+        tracing::debug!(container = %req.container_id, "PauseContainer");
+        reply(self.containers.pause(&req.container_id), "PauseContainer").map(|()| Empty::default())
+    }
+
+    async fn resume_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> Reply<Empty> {
+        tracing::debug!(container = %req.container_id, "ResumeContainer");
+        reply(self.containers.resume(&req.container_id), "ResumeContainer")
+            .map(|()| Empty::default())
+    }
+
     async fn remove_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> Reply<Empty> {
         tracing::debug!(container = %req.container_id, "RemoveContainer");
         reply(

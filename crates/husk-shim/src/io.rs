@@ -213,7 +213,7 @@ mod tests {
             reader.read_to_end(&mut got).unwrap();
             got
         });
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(std::time::Duration::from_millis(100));
         assert!(
             !t.is_finished(),
             "a FIFO nobody opened yet must not read as EOF"

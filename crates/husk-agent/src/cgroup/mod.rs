@@ -290,6 +290,11 @@ impl Cgroup {
         true
     }
 
+    /// Whether `cgroup.freeze` is set (by a pause or a signal-all).
+    pub fn is_frozen(&self) -> bool {
+        fs::read_to_string(self.path.join("cgroup.freeze")).is_ok_and(|t| t.trim() == "1")
+    }
+
     /// Lets the processes of a frozen cgroup run again.
     pub fn thaw(&self) {
         if let Err(e) = fs::write(self.path.join("cgroup.freeze"), "0") {

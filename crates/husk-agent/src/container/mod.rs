@@ -893,8 +893,11 @@ impl Containers {
         // processes acts on a signal before the others have theirs: a shell
         // init whose children die first would exit, and its PID namespace's
         // end would SIGKILL the rest before they got the signal asked for.
+        // A paused container stays frozen (the signal waits for resume).
         let frozen = match (&container.cgroup, sig) {
-            (Some(cgroup), Some(s)) if s != Signal::SIGKILL => cgroup.freeze().then_some(cgroup),
+            (Some(cgroup), Some(s)) if s != Signal::SIGKILL && !cgroup.is_frozen() => {
+                cgroup.freeze().then_some(cgroup)
+            }
             _ => None,
         };
         let pids = container.pids();
@@ -1081,6 +1084,23 @@ impl Containers {
                 Some(info)
             })
             .collect())
+    }
+
+    /// Freezes every process of container `id` (`runc pause`).
+    pub fn pause(&self, id: &str) -> Result<(), ContainerError> {
+        let container = self.get(id)?;
+        if self.cgroup_of(&container)?.freeze() {
+            Ok(())
+        } else {
+            Err(ContainerError::NoCgroup(id.to_string()))
+        }
+    }
+
+    /// Thaws container `id`.
+    pub fn resume(&self, id: &str) -> Result<(), ContainerError> {
+        let container = self.get(id)?;
+        self.cgroup_of(&container)?.thaw();
+        Ok(())
     }
 
     fn cgroup_of<'a>(&self, container: &'a Container) -> Result<&'a Cgroup, ContainerError> {

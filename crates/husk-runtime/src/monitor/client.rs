@@ -20,7 +20,7 @@ pub enum ClientError {
     #[error("{0}")]
     Refused(String),
     #[error("unexpected reply from the monitor: {0:?}")]
-    Unexpected(Response),
+    Unexpected(Box<Response>),
 }
 
 /// A connection to one container's monitor.
@@ -51,7 +51,9 @@ impl MonitorClient {
         api::send_request(&mut self.stream, req, fds)?;
         match api::recv_response(&mut self.stream)? {
             Response::Error { message } => Err(ClientError::Refused(message)),
-            Response::Exit { .. } => Err(ClientError::Unexpected(Response::Exit { status: 0 })),
+            Response::Exit { .. } => Err(ClientError::Unexpected(Box::new(Response::Exit {
+                status: 0,
+            }))),
             r => Ok(r),
         }
     }
@@ -61,7 +63,7 @@ impl MonitorClient {
         match api::recv_response(&mut self.stream)? {
             Response::Exit { status } => Ok(status),
             Response::Error { message } => Err(ClientError::Refused(message)),
-            other => Err(ClientError::Unexpected(other)),
+            other => Err(ClientError::Unexpected(Box::new(other))),
         }
     }
 }

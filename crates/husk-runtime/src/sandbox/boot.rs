@@ -176,6 +176,7 @@ impl super::Sandbox {
     /// Boots a sandbox in `dir` for its owner container (id = the dir's
     /// name, bundle `owner`), sized from the owner's spec; this process is
     /// recorded as the sandbox's owner. On error nothing of it remains.
+    #[allow(clippy::too_many_arguments)]
     pub async fn launch(
         cfg: &Config,
         hv: &dyn Hypervisor,
