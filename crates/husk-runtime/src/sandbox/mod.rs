@@ -865,7 +865,15 @@ impl Sandbox {
     /// state dir keeps `state.json` (a created container that exited stays
     /// until `husk delete`). Idempotent.
     pub async fn teardown(&self, keep_state: bool) {
-        if self.torn_down.send_replace(1) != 0 {
+        let first = self.torn_down.send_if_modified(|s| {
+            if *s == 0 {
+                *s = 1;
+                true
+            } else {
+                false
+            }
+        });
+        if !first {
             // Another caller is at it: wait until it is done.
             let mut rx = self.torn_down.subscribe();
             let _ = rx.wait_for(|s| *s == 2).await;

@@ -551,3 +551,14 @@ async fn poststop_hooks_run_after_delete_with_the_stopped_state() {
     assert_eq!(state["status"], "stopped");
     assert_eq!(state["id"], "c1");
 }
+
+#[tokio::test]
+async fn a_second_teardown_waits_for_the_first_and_returns() {
+    let (_r, f) = up("teardown-twice").await;
+    f.sandbox.teardown(false).await;
+    tokio::time::timeout(Duration::from_secs(5), f.sandbox.teardown(false))
+        .await
+        .expect("a teardown after a finished one returns at once");
+    assert!(f.sandbox.is_torn_down());
+    assert_eq!(f.vm.shutdowns(), 1);
+}
