@@ -288,7 +288,15 @@ async fn serve_inner(
         // Deleted through the API: the handler tore it all down.
         None => Ok(128 + libc::SIGKILL),
         Some(exit) => {
-            let died = sandbox.vm_exit().borrow().clone();
+            // A lost agent is usually a VM that died: give its exit a moment
+            // to be seen, so the cause is named.
+            let mut vm_exit = sandbox.vm_exit();
+            if exit == ExitStatus::LOST {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), vm_exit.wait_for(Option::is_some))
+                        .await;
+            }
+            let died = vm_exit.borrow().clone();
             let console = sandbox.console_tail();
             if opts.autostart {
                 // A foreground `husk run` leaves nothing, as runc.
