@@ -13,9 +13,10 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncWriteExt, BufReader};
 
 use super::exec_stage::ExecConfig;
+use super::launch::next_message;
 use super::spec::{self, InitMessage};
 use super::stdio::{self, pipe};
-use super::{next_message, ContainerError, Containers, ExecSlot};
+use super::{ContainerError, Containers, ExecSlot};
 use crate::process::spawn::{clone_exec, CloneExec};
 use crate::process::stdio::FdIo;
 use crate::process::{wait_exit, ExitStatus};

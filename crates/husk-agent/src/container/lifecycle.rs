@@ -1,0 +1,554 @@
+//! A container's life in the guest: create (mount its storages, make its
+//! cgroup, launch the init stage and hold it before exec), start (release
+//! it), pause and resume (freeze and thaw its cgroup), remove (kill, reap,
+//! remove the cgroup, forget), and kill_all when the agent exits.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+
+use husk_protocol::agent::Storage;
+use nix::sys::signal::Signal;
+use oci_spec::runtime::{LinuxDevice, LinuxResources};
+use tokio::io::{AsyncWriteExt, BufReader};
+
+use super::launch::{next_message, prepare_held_init, HoldError, InitControl, HOLD_FD};
+use super::spec::{self, InitConfig, InitMessage};
+use super::stdio::{self, pipe};
+use super::storage;
+use super::{valid_id, Container, ContainerError, ContainerOptions, Containers, Slot};
+use crate::cgroup::devices;
+use crate::cgroup::oom::OomEvents;
+use crate::cgroup::{Cgroup, CgroupError, CgroupRoot};
+use crate::process::spawn::{clone_exec, CloneExec};
+use crate::process::stdio::FdIo;
+use crate::process::{wait_exit, ExitStatus, Process, Reaper, SignalError};
+
+/// Removes a reserved id unless the create that reserved it succeeded.
+struct Reservation<'a> {
+    containers: &'a Containers,
+    id: &'a str,
+    done: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.containers.table().remove(self.id);
+        }
+    }
+}
+
+impl Containers {
+    /// An empty table whose processes are reaped by `reaper`.
+    pub fn new(reaper: Arc<Reaper>, options: ContainerOptions) -> Self {
+        Self {
+            table: Mutex::new(HashMap::new()),
+            reaper,
+            storages: tokio::sync::Mutex::new(()),
+            cgroups: options.cgroup_root.clone().map(CgroupRoot::new),
+            options,
+            oom: Arc::new(OomEvents::default()),
+        }
+    }
+
+    /// Enables the cgroup controllers for containers on a plain thread, so
+    /// that work overlaps with the host's own before CreateContainer.
+    pub fn prepare_cgroups_in_background(self: &Arc<Self>) {
+        if self.cgroups.is_some() {
+            let me = Arc::clone(self);
+            std::thread::spawn(move || {
+                if let Some(c) = &me.cgroups {
+                    if let Err(e) = c.prepare() {
+                        tracing::debug!("cgroups: {e}");
+                    }
+                }
+            });
+        }
+    }
+
+    /// Mounts [`ContainerOptions::early_storage`] on a blocking thread,
+    /// holding the storage lock so that the first CreateContainer waits for
+    /// it (and then finds it mounted). A failure is only logged: that
+    /// CreateContainer mounts it again and reports the error.
+    pub fn mount_early_storage_in_background(self: &Arc<Self>) {
+        let Some(storage) = self.options.early_storage.clone() else {
+            return;
+        };
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let _serialised = me.storages.lock().await;
+            let mounted =
+                tokio::task::spawn_blocking(move || storage::mount_storage(&storage)).await;
+            match mounted {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("mounting the sandbox share early: {e}"),
+                Err(e) => tracing::warn!("mounting the sandbox share early: {e}"),
+            }
+        });
+    }
+
+    /// Mounts the storages, builds the container and holds its init before
+    /// exec. On failure nothing of the container remains.
+    pub async fn create(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        storages: &[Storage],
+    ) -> Result<(), ContainerError> {
+        if !valid_id(id) {
+            return Err(ContainerError::InvalidId(id.to_string()));
+        }
+        {
+            let mut table = self.table();
+            if table.contains_key(id) {
+                return Err(ContainerError::AlreadyExists(id.to_string()));
+            }
+            table.insert(id.to_string(), Slot::Creating);
+        }
+        let mut reservation = Reservation {
+            containers: self,
+            id,
+            done: false,
+        };
+
+        let t0 = std::time::Instant::now();
+        self.mount_storages(storages).await?;
+        let t_mount = t0.elapsed();
+        let spec = spec::parse(spec_json)?;
+        let (mut config, ignored) = spec::translate(&spec)?;
+        if !config.rootfs.is_dir() {
+            return Err(ContainerError::RootfsMissing(config.rootfs.clone()));
+        }
+        let id_maps = spec::id_maps(&spec)?;
+        let (namespaces, notes) = spec::clone_flags(&spec);
+        for note in notes.iter().chain(&ignored) {
+            tracing::warn!(container = id, "{note}");
+        }
+        let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+        let t_spec = t0.elapsed();
+        let device_nodes = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.devices().as_deref())
+            .unwrap_or_default();
+        let cgroup = self.create_cgroup(id, resources, device_nodes)?;
+        let t_cgroup = t0.elapsed();
+        let spawned = self
+            .spawn_init(id, &config, namespaces, cgroup.as_ref(), id_maps.as_ref())
+            .await;
+        tracing::debug!(
+            container = id,
+            mount_us = t_mount.as_micros() as u64,
+            spec_us = t_spec.as_micros() as u64,
+            cgroup_us = t_cgroup.as_micros() as u64,
+            init_ready_us = t0.elapsed().as_micros() as u64,
+            "create timings"
+        );
+        let (process, control) = match spawned {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                if let Some(cgroup) = &cgroup {
+                    if let Err(error) = cgroup.remove().await {
+                        tracing::warn!(container = id, "{error}");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let oom_watch = cgroup.as_ref().and_then(|c| {
+            self.oom
+                .watch(id, c.path().to_path_buf())
+                .map_err(|e| {
+                    // No memory.events: the kernel offers no memory controller.
+                    tracing::debug!(container = id, "not watching for OOM kills: {e}")
+                })
+                .ok()
+        });
+        let container = Arc::new(Container {
+            id: id.to_string(),
+            process: Arc::new(process),
+            control: tokio::sync::Mutex::new(Some(control)),
+            execs: Mutex::new(HashMap::new()),
+            cgroup,
+            pid_namespace: namespaces.contains(nix::sched::CloneFlags::CLONE_NEWPID),
+            seccomp: config.seccomp.take(),
+            oom_watch,
+        });
+        self.watch_init(&container);
+        self.table().insert(id.to_string(), Slot::Ready(container));
+        reservation.done = true;
+        tracing::info!(container = id, "created");
+        Ok(())
+    }
+
+    /// The container's cgroup with `resources` applied, or `None` when the
+    /// agent runs without cgroups.
+    fn create_cgroup(
+        &self,
+        id: &str,
+        resources: Option<&LinuxResources>,
+        device_nodes: &[LinuxDevice],
+    ) -> Result<Option<Cgroup>, ContainerError> {
+        let cgroup_error = |source| ContainerError::Cgroup {
+            id: id.to_string(),
+            source,
+        };
+        let Some(root) = &self.cgroups else {
+            if resources.is_some() {
+                tracing::info!(
+                    container = id,
+                    "linux.resources ignored: the agent runs without cgroups"
+                );
+            }
+            return Ok(None);
+        };
+        let cgroup = match root.create(id) {
+            Ok(cgroup) => cgroup,
+            Err(error @ CgroupError::Root { .. }) => {
+                tracing::warn!(container = id, "running without a cgroup: {error}");
+                return Ok(None);
+            }
+            Err(error) => return Err(cgroup_error(error)),
+        };
+        if let Some(resources) = resources {
+            let applied = cgroup.apply(resources).and_then(|notes| {
+                let rules = devices::rules(
+                    resources.devices().as_deref().unwrap_or_default(),
+                    device_nodes,
+                )?;
+                if let Some(rules) = rules {
+                    cgroup.restrict_devices(&rules)?;
+                }
+                Ok(notes)
+            });
+            match applied {
+                Ok(notes) => {
+                    for note in notes {
+                        tracing::warn!(container = id, "{note}");
+                    }
+                }
+                Err(error) => {
+                    let _ = std::fs::remove_dir(cgroup.path());
+                    return Err(cgroup_error(error));
+                }
+            }
+        }
+        Ok(Some(cgroup))
+    }
+
+    /// When the init exits, its exec'd processes (and, without a PID
+    /// namespace, everything else in its cgroup) are killed, as runc does.
+    fn watch_init(&self, container: &Arc<Container>) {
+        let process = Arc::clone(&container.process);
+        let weak = Arc::downgrade(container);
+        let reaper = Arc::clone(&self.reaper);
+        tokio::spawn(async move {
+            process.wait().await;
+            let Some(container) = weak.upgrade() else {
+                return;
+            };
+            for (_, exec) in container.exec_processes() {
+                let _ = reaper.signal(exec.pid(), Signal::SIGKILL as i32);
+            }
+            if !container.pid_namespace {
+                if let Some(cgroup) = &container.cgroup {
+                    cgroup.kill_all();
+                }
+            }
+        });
+    }
+
+    async fn mount_storages(&self, storages: &[Storage]) -> Result<(), ContainerError> {
+        if storages.is_empty() {
+            return Ok(());
+        }
+        let _serialised = self.storages.lock().await;
+        for storage in storages {
+            let storage = storage.clone();
+            tokio::task::spawn_blocking(move || storage::mount_storage(&storage))
+                .await
+                .map_err(|e| ContainerError::Io {
+                    id: String::new(),
+                    what: "mounting storages",
+                    source: io::Error::other(e),
+                })??;
+        }
+        Ok(())
+    }
+
+    /// Clones the init stage, feeds it the config and waits for `Ready`
+    /// (and, with a terminal, the master it allocated in the container).
+    async fn spawn_init(
+        &self,
+        id: &str,
+        config: &InitConfig,
+        namespaces: nix::sched::CloneFlags,
+        cgroup: Option<&Cgroup>,
+        id_maps: Option<&(String, String)>,
+    ) -> Result<(Process, InitControl), ContainerError> {
+        let io_err = |what: &'static str| {
+            move |source: io::Error| ContainerError::Io {
+                id: id.to_string(),
+                what,
+                source,
+            }
+        };
+        let (child_stdio, pending_stdio) = if config.process.terminal {
+            stdio::terminal().map_err(io_err("preparing the terminal's console socket"))?
+        } else {
+            stdio::pipes().map_err(io_err("creating stdio pipes"))?
+        };
+        let json = serde_json::to_vec(config).map_err(|e| ContainerError::Io {
+            id: id.to_string(),
+            what: "encoding the init instructions",
+            source: io::Error::other(e),
+        })?;
+        let (config_r, config_w) = pipe().map_err(io_err("creating the config pipe"))?;
+        let (status_r, status_w) = pipe().map_err(io_err("creating the status pipe"))?;
+        let (start_r, start_w) = pipe().map_err(io_err("creating the start pipe"))?;
+        let (hold_r, hold_w) = pipe().map_err(io_err("creating the hold pipe"))?;
+
+        let argv = [CString::from(c"husk-agent"), CString::from(c"init")];
+        let mut fds = child_stdio.stage_fds(config_r.as_fd(), status_w.as_fd(), start_r.as_fd());
+        fds.push((hold_r.as_fd(), HOLD_FD));
+        let request = CloneExec {
+            namespaces,
+            program: &self.options.agent_exe,
+            argv: &argv,
+            fds,
+            parent_death_signal: self.options.die_with_agent.then_some(Signal::SIGKILL),
+            hold_fd: Some(HOLD_FD),
+            become_userns_root: id_maps.is_some(),
+        };
+        // Called on a runtime worker thread (this is an async fn, not a
+        // blocking task), which lives as long as the agent: see
+        // `CloneExec::parent_death_signal`.
+        let (pid, exit) = self
+            .reaper
+            .spawn(|| clone_exec(&request))
+            .map_err(io_err("starting the container init (clone)"))?;
+        drop(request);
+        drop((child_stdio, config_r, status_w, start_r, hold_r));
+        tracing::debug!(container = id, pid = pid.as_raw(), "container init started");
+
+        // The init waits before exec for its cgroup and its id maps.
+        let placed = prepare_held_init(pid, cgroup, id_maps);
+        if let Err(error) = placed {
+            let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
+            wait_exit(pid, &exit).await;
+            return Err(match error {
+                HoldError::Cgroup(source) => ContainerError::Cgroup {
+                    id: id.to_string(),
+                    source,
+                },
+                HoldError::Io(what, source) => ContainerError::Io {
+                    id: id.to_string(),
+                    what,
+                    source,
+                },
+            });
+        }
+        // One byte into an empty pipe never blocks; a dead child is noticed
+        // below through its status pipe.
+        let _ = File::from(hold_w).write_all(b"g");
+
+        let mut status =
+            BufReader::new(FdIo::new(status_r).map_err(io_err("watching the status pipe"))?);
+        let fed = async {
+            let mut config_pipe = FdIo::new(config_w)?;
+            config_pipe.write_all(&json).await
+            // Dropping the pipe here gives the init its end-of-file.
+        };
+        if let Err(e) = fed.await {
+            // The init is gone; its status pipe and exit status say why.
+            tracing::debug!(container = id, "writing the init instructions failed: {e}");
+        }
+        let outcome = next_message(id, &mut status).await;
+        let failure = match outcome {
+            Ok(Some(InitMessage::Ready)) => None,
+            Ok(Some(InitMessage::Error {
+                message,
+                invalid_spec,
+            })) => Some(ContainerError::Init {
+                id: id.to_string(),
+                message,
+                invalid_spec,
+            }),
+            // End-of-file (or an unreadable pipe) before Ready: the init died;
+            // its exit status is filled in below.
+            Ok(Some(InitMessage::Warning(_) | InitMessage::Pid(_))) | Ok(None) | Err(_) => {
+                Some(ContainerError::InitDied {
+                    id: id.to_string(),
+                    status: ExitStatus::exited(-1),
+                })
+            }
+        };
+        if let Some(error) = failure {
+            let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
+            let status = wait_exit(pid, &exit).await;
+            return Err(match error {
+                ContainerError::InitDied { id, .. } => ContainerError::InitDied { id, status },
+                other => other,
+            });
+        }
+        // With a terminal, the init sent its master before it reported Ready.
+        let stdio = match pending_stdio.finish(&format!("container {id}")) {
+            Ok(stdio) => stdio,
+            Err(source) => {
+                let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
+                wait_exit(pid, &exit).await;
+                return Err(ContainerError::Io {
+                    id: id.to_string(),
+                    what: "taking over the init's stdio",
+                    source,
+                });
+            }
+        };
+        let process = stdio.into_process(pid, exit);
+        let start = File::from(start_w);
+        Ok((process, InitControl { start, status }))
+    }
+
+    /// Releases the init into the container's program; returns once it was
+    /// exec'd (or failed to be).
+    pub async fn start(&self, id: &str) -> Result<(), ContainerError> {
+        let container = self.get(id)?;
+        let mut control = container.control.lock().await;
+        let Some(InitControl {
+            mut start,
+            mut status,
+        }) = control.take()
+        else {
+            return Err(ContainerError::AlreadyStarted(id.to_string()));
+        };
+        // One byte into an empty pipe never blocks. It fails (EPIPE) only
+        // when the held init is gone: killed before it was started.
+        if start.write_all(b"s").is_err() {
+            let status = container.process.wait().await;
+            return Err(ContainerError::InitDied {
+                id: id.to_string(),
+                status,
+            });
+        }
+        drop(start);
+        let outcome = next_message(id, &mut status).await;
+        match outcome {
+            // The status pipe closed at exec: the program runs (and may
+            // already have exited, which WaitProcess reports).
+            Ok(None) => {
+                tracing::info!(container = id, "started");
+                Ok(())
+            }
+            Ok(Some(InitMessage::Error {
+                message,
+                invalid_spec,
+            })) => Err(ContainerError::Init {
+                id: id.to_string(),
+                message,
+                invalid_spec,
+            }),
+            Ok(Some(other)) => {
+                tracing::warn!(
+                    container = id,
+                    "unexpected message from the container init after start: {other:?}"
+                );
+                Ok(())
+            }
+            Err(source) => Err(ContainerError::Io {
+                id: id.to_string(),
+                what: "reading the init's status after start",
+                source,
+            }),
+        }
+    }
+
+    /// Kills the container if it still runs (with its exec'd processes),
+    /// waits for them, removes its cgroup, and forgets it.
+    pub async fn remove(&self, id: &str) -> Result<(), ContainerError> {
+        let container = self.get(id)?;
+        let process = container.process();
+        if process.exit_status().is_none() {
+            match self.reaper.signal(process.pid(), Signal::SIGKILL as i32) {
+                Ok(()) | Err(SignalError::Exited) => {}
+                Err(source) => {
+                    return Err(ContainerError::Signal {
+                        id: id.to_string(),
+                        source,
+                    })
+                }
+            }
+        }
+        let exit = process.wait().await;
+        for (_, exec) in container.exec_processes() {
+            let _ = self.reaper.signal(exec.pid(), Signal::SIGKILL as i32);
+            exec.wait().await;
+        }
+        if let Some(cgroup) = &container.cgroup {
+            cgroup.kill_all();
+            if let Err(error) = cgroup.remove().await {
+                tracing::warn!(container = id, "{error}");
+            }
+        }
+        if let Some(wd) = container.oom_watch {
+            self.oom.unwatch(wd);
+        }
+        {
+            let mut table = self.table();
+            if matches!(table.get(id), Some(Slot::Ready(c)) if Arc::ptr_eq(c, &container)) {
+                table.remove(id);
+            }
+        }
+        tracing::info!(container = id, %exit, "removed");
+        Ok(())
+    }
+
+    /// Kills every container and waits for them (the agent is exiting).
+    pub async fn kill_all(&self) {
+        let containers: Vec<Arc<Container>> = self
+            .table()
+            .values()
+            .filter_map(|slot| match slot {
+                Slot::Ready(c) => Some(Arc::clone(c)),
+                Slot::Creating => None,
+            })
+            .collect();
+        // Every registered child is a container init or exec, including
+        // those still being created.
+        for pid in self.reaper.pids() {
+            let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
+        }
+        for container in containers {
+            container.process().wait().await;
+            for (_, exec) in container.exec_processes() {
+                exec.wait().await;
+            }
+            if let Some(cgroup) = &container.cgroup {
+                cgroup.kill_all();
+                if let Err(error) = cgroup.remove().await {
+                    tracing::warn!(container = %container.id, "{error}");
+                }
+            }
+        }
+    }
+
+    /// Freezes every process of container `id` (`runc pause`).
+    pub fn pause(&self, id: &str) -> Result<(), ContainerError> {
+        let container = self.get(id)?;
+        if self.cgroup_of(&container)?.freeze() {
+            Ok(())
+        } else {
+            Err(ContainerError::NoCgroup(id.to_string()))
+        }
+    }
+
+    /// Thaws container `id`.
+    pub fn resume(&self, id: &str) -> Result<(), ContainerError> {
+        let container = self.get(id)?;
+        self.cgroup_of(&container)?.thaw();
+        Ok(())
+    }
+}
