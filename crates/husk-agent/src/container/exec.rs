@@ -2,24 +2,16 @@
 //! started through the exec stage (`exec_stage.rs`) and then addressed by
 //! `(container_id, exec_id)` exactly like the init.
 
-use std::ffi::CString;
-use std::fs::File;
-use std::io::{self, Write};
-use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use tokio::io::{AsyncWriteExt, BufReader};
 
 use super::exec_stage::ExecConfig;
-use super::launch::next_message;
+use super::launch::{Launched, StageKind, StageLaunch, Started};
 use super::spec::{self, InitMessage};
-use super::stdio::{self, pipe};
 use super::{ContainerError, Containers, ExecSlot};
-use crate::process::spawn::{clone_exec, CloneExec};
-use crate::process::stdio::FdIo;
-use crate::process::{wait_exit, ExitStatus};
+use crate::process::ExitStatus;
 
 /// Frees a reserved exec id unless the exec started.
 struct ExecReservation<'a> {
@@ -80,66 +72,33 @@ impl Containers {
             message,
             invalid_spec,
         };
-        let io_err = |what: &'static str| {
-            move |source: io::Error| ContainerError::Io {
-                id: id.to_string(),
-                what,
-                source,
-            }
-        };
-
-        let (child_stdio, pending_stdio) = if process.terminal {
-            stdio::terminal().map_err(io_err("preparing the terminal's console socket"))?
-        } else {
-            stdio::pipes().map_err(io_err("creating stdio pipes"))?
-        };
         let config = ExecConfig {
             init_pid: container.process.pid().as_raw(),
-            process,
             seccomp: container.seccomp.clone(),
             die_with_agent: self.options.die_with_agent,
+            process,
         };
-        let json = serde_json::to_vec(&config)
-            .map_err(|e| io_err("encoding the exec instructions")(io::Error::other(e)))?;
-        let (config_r, config_w) = pipe().map_err(io_err("creating the config pipe"))?;
-        let (status_r, status_w) = pipe().map_err(io_err("creating the status pipe"))?;
-        let (start_r, start_w) = pipe().map_err(io_err("creating the start pipe"))?;
-        let argv = [CString::from(c"husk-agent"), CString::from(c"exec")];
-        let fds = child_stdio.stage_fds(config_r.as_fd(), status_w.as_fd(), start_r.as_fd());
-        let request = CloneExec {
+        let launch = StageLaunch {
+            kind: StageKind::Exec,
+            terminal: config.process.terminal,
             namespaces: nix::sched::CloneFlags::empty(),
-            program: &self.options.agent_exe,
-            argv: &argv,
-            fds,
-            parent_death_signal: self.options.die_with_agent.then_some(Signal::SIGKILL),
-            hold_fd: None,
-            become_userns_root: false,
+            hold: None,
         };
         // The exec'd process becomes our child before we learn its pid.
         let window = self.reaper.adoption_window();
-        let (stage_pid, stage_exit) = self
-            .reaper
-            .spawn(|| clone_exec(&request))
-            .map_err(io_err("starting the exec stage (clone)"))?;
-        drop(request);
-        drop((child_stdio, config_r, status_w, start_r));
+        let Launched {
+            pid: stage_pid,
+            exit: stage_exit,
+            stdio,
+            mut control,
+        } = self.launch_stage(id, &launch, &config).await?;
         tracing::debug!(
             container = id,
             exec = exec_id,
             stage = stage_pid.as_raw(),
             "exec stage started"
         );
-
-        let mut status =
-            BufReader::new(FdIo::new(status_r).map_err(io_err("watching the status pipe"))?);
-        let fed = async {
-            let mut config_pipe = FdIo::new(config_w)?;
-            config_pipe.write_all(&json).await
-        };
-        if let Err(e) = fed.await {
-            tracing::debug!(container = id, "writing the exec instructions failed: {e}");
-        }
-        let pid = match next_message(id, &mut status).await {
+        let pid = match control.next_message(id).await {
             Ok(Some(InitMessage::Pid(pid))) => Pid::from_raw(pid),
             Ok(Some(InitMessage::Error {
                 message,
@@ -161,15 +120,11 @@ impl Containers {
         let exit = self.reaper.adopt(&window, pid);
         drop(window);
         // With a terminal, the stage sent its master before the pid.
-        let stdio = match pending_stdio.finish(&format!("container {id}, exec {exec_id}")) {
-            Ok(stdio) => stdio,
-            Err(source) => {
-                let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
-                wait_exit(pid, &exit).await;
-                return Err(failed(format!("taking over its stdio: {source}"), false));
-            }
-        };
-        let process = stdio.into_process(pid, exit);
+        let label = format!("container {id}, exec {exec_id}");
+        let process = self
+            .take_over(stdio, &label, pid, exit)
+            .await
+            .map_err(|source| failed(format!("taking over its stdio: {source}"), false))?;
 
         if let Some(cgroup) = &container.cgroup {
             if let Err(source) = cgroup.add(pid.as_raw()) {
@@ -181,30 +136,28 @@ impl Containers {
                 });
             }
         }
-        let mut start = File::from(start_w);
-        if start.write_all(b"s").is_err() {
-            let status = process.wait().await;
-            return Err(failed(
-                format!("the process {status} before it ran its program"),
-                false,
-            ));
-        }
-        drop(start);
-        match next_message(id, &mut status).await {
-            Ok(None) => {}
-            Ok(Some(InitMessage::Error {
+        match control.start(id).await {
+            Started::Running => {}
+            Started::Gone => {
+                let status = process.wait().await;
+                return Err(failed(
+                    format!("the process {status} before it ran its program"),
+                    false,
+                ));
+            }
+            Started::Failed {
                 message,
                 invalid_spec,
-            })) => {
+            } => {
                 process.wait().await;
                 return Err(failed(message, invalid_spec));
             }
-            Ok(Some(other)) => tracing::warn!(
+            Started::Unexpected(other) => tracing::warn!(
                 container = id,
                 exec = exec_id,
                 "unexpected message from the exec'd process: {other:?}"
             ),
-            Err(source) => {
+            Started::Unreadable(source) => {
                 let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
                 process.wait().await;
                 return Err(ContainerError::Io {

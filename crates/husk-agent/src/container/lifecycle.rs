@@ -4,28 +4,21 @@
 //! remove the cgroup, forget), and kill_all when the agent exits.
 
 use std::collections::HashMap;
-use std::ffi::CString;
-use std::fs::File;
-use std::io::{self, Write};
-use std::os::fd::AsFd;
+use std::io;
 use std::sync::{Arc, Mutex};
 
 use husk_protocol::agent::Storage;
 use nix::sys::signal::Signal;
 use oci_spec::runtime::{LinuxDevice, LinuxResources};
-use tokio::io::{AsyncWriteExt, BufReader};
 
-use super::launch::{next_message, prepare_held_init, HoldError, InitControl, HOLD_FD};
+use super::launch::{Hold, Launched, StageControl, StageKind, StageLaunch, Started};
 use super::spec::{self, InitConfig, InitMessage};
-use super::stdio::{self, pipe};
 use super::storage;
 use super::{valid_id, Container, ContainerError, ContainerOptions, Containers, Slot};
 use crate::cgroup::devices;
 use crate::cgroup::oom::OomEvents;
 use crate::cgroup::{Cgroup, CgroupError, CgroupRoot};
-use crate::process::spawn::{clone_exec, CloneExec};
-use crate::process::stdio::FdIo;
-use crate::process::{wait_exit, ExitStatus, Process, Reaper, SignalError};
+use crate::process::{ExitStatus, Process, Reaper, SignalError};
 
 /// Removes a reserved id unless the create that reserved it succeeded.
 struct Reservation<'a> {
@@ -280,7 +273,7 @@ impl Containers {
         Ok(())
     }
 
-    /// Clones the init stage, feeds it the config and waits for `Ready`
+    /// Launches the init stage, feeds it the config and waits for `Ready`
     /// (and, with a terminal, the master it allocated in the container).
     async fn spawn_init(
         &self,
@@ -289,86 +282,21 @@ impl Containers {
         namespaces: nix::sched::CloneFlags,
         cgroup: Option<&Cgroup>,
         id_maps: Option<&(String, String)>,
-    ) -> Result<(Process, InitControl), ContainerError> {
-        let io_err = |what: &'static str| {
-            move |source: io::Error| ContainerError::Io {
-                id: id.to_string(),
-                what,
-                source,
-            }
-        };
-        let (child_stdio, pending_stdio) = if config.process.terminal {
-            stdio::terminal().map_err(io_err("preparing the terminal's console socket"))?
-        } else {
-            stdio::pipes().map_err(io_err("creating stdio pipes"))?
-        };
-        let json = serde_json::to_vec(config).map_err(|e| ContainerError::Io {
-            id: id.to_string(),
-            what: "encoding the init instructions",
-            source: io::Error::other(e),
-        })?;
-        let (config_r, config_w) = pipe().map_err(io_err("creating the config pipe"))?;
-        let (status_r, status_w) = pipe().map_err(io_err("creating the status pipe"))?;
-        let (start_r, start_w) = pipe().map_err(io_err("creating the start pipe"))?;
-        let (hold_r, hold_w) = pipe().map_err(io_err("creating the hold pipe"))?;
-
-        let argv = [CString::from(c"husk-agent"), CString::from(c"init")];
-        let mut fds = child_stdio.stage_fds(config_r.as_fd(), status_w.as_fd(), start_r.as_fd());
-        fds.push((hold_r.as_fd(), HOLD_FD));
-        let request = CloneExec {
+    ) -> Result<(Process, StageControl), ContainerError> {
+        let launch = StageLaunch {
+            kind: StageKind::Init,
+            terminal: config.process.terminal,
             namespaces,
-            program: &self.options.agent_exe,
-            argv: &argv,
-            fds,
-            parent_death_signal: self.options.die_with_agent.then_some(Signal::SIGKILL),
-            hold_fd: Some(HOLD_FD),
-            become_userns_root: id_maps.is_some(),
+            hold: Some(Hold { cgroup, id_maps }),
         };
-        // Called on a runtime worker thread (this is an async fn, not a
-        // blocking task), which lives as long as the agent: see
-        // `CloneExec::parent_death_signal`.
-        let (pid, exit) = self
-            .reaper
-            .spawn(|| clone_exec(&request))
-            .map_err(io_err("starting the container init (clone)"))?;
-        drop(request);
-        drop((child_stdio, config_r, status_w, start_r, hold_r));
+        let Launched {
+            pid,
+            exit,
+            stdio,
+            mut control,
+        } = self.launch_stage(id, &launch, config).await?;
         tracing::debug!(container = id, pid = pid.as_raw(), "container init started");
-
-        // The init waits before exec for its cgroup and its id maps.
-        let placed = prepare_held_init(pid, cgroup, id_maps);
-        if let Err(error) = placed {
-            let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
-            wait_exit(pid, &exit).await;
-            return Err(match error {
-                HoldError::Cgroup(source) => ContainerError::Cgroup {
-                    id: id.to_string(),
-                    source,
-                },
-                HoldError::Io(what, source) => ContainerError::Io {
-                    id: id.to_string(),
-                    what,
-                    source,
-                },
-            });
-        }
-        // One byte into an empty pipe never blocks; a dead child is noticed
-        // below through its status pipe.
-        let _ = File::from(hold_w).write_all(b"g");
-
-        let mut status =
-            BufReader::new(FdIo::new(status_r).map_err(io_err("watching the status pipe"))?);
-        let fed = async {
-            let mut config_pipe = FdIo::new(config_w)?;
-            config_pipe.write_all(&json).await
-            // Dropping the pipe here gives the init its end-of-file.
-        };
-        if let Err(e) = fed.await {
-            // The init is gone; its status pipe and exit status say why.
-            tracing::debug!(container = id, "writing the init instructions failed: {e}");
-        }
-        let outcome = next_message(id, &mut status).await;
-        let failure = match outcome {
+        let failure = match control.next_message(id).await {
             Ok(Some(InitMessage::Ready)) => None,
             Ok(Some(InitMessage::Error {
                 message,
@@ -388,29 +316,21 @@ impl Containers {
             }
         };
         if let Some(error) = failure {
-            let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
-            let status = wait_exit(pid, &exit).await;
+            let status = self.kill_and_reap(pid, &exit).await;
             return Err(match error {
                 ContainerError::InitDied { id, .. } => ContainerError::InitDied { id, status },
                 other => other,
             });
         }
-        // With a terminal, the init sent its master before it reported Ready.
-        let stdio = match pending_stdio.finish(&format!("container {id}")) {
-            Ok(stdio) => stdio,
-            Err(source) => {
-                let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
-                wait_exit(pid, &exit).await;
-                return Err(ContainerError::Io {
-                    id: id.to_string(),
-                    what: "taking over the init's stdio",
-                    source,
-                });
-            }
-        };
-        let process = stdio.into_process(pid, exit);
-        let start = File::from(start_w);
-        Ok((process, InitControl { start, status }))
+        let process = self
+            .take_over(stdio, &format!("container {id}"), pid, exit)
+            .await
+            .map_err(|source| ContainerError::Io {
+                id: id.to_string(),
+                what: "taking over the init's stdio",
+                source,
+            })?;
+        Ok((process, control))
     }
 
     /// Releases the init into the container's program; returns once it was
@@ -418,47 +338,34 @@ impl Containers {
     pub async fn start(&self, id: &str) -> Result<(), ContainerError> {
         let container = self.get(id)?;
         let mut control = container.control.lock().await;
-        let Some(InitControl {
-            mut start,
-            mut status,
-        }) = control.take()
-        else {
+        let Some(control) = control.take() else {
             return Err(ContainerError::AlreadyStarted(id.to_string()));
         };
-        // One byte into an empty pipe never blocks. It fails (EPIPE) only
-        // when the held init is gone: killed before it was started.
-        if start.write_all(b"s").is_err() {
-            let status = container.process.wait().await;
-            return Err(ContainerError::InitDied {
-                id: id.to_string(),
-                status,
-            });
-        }
-        drop(start);
-        let outcome = next_message(id, &mut status).await;
-        match outcome {
-            // The status pipe closed at exec: the program runs (and may
-            // already have exited, which WaitProcess reports).
-            Ok(None) => {
+        match control.start(id).await {
+            Started::Running => {
                 tracing::info!(container = id, "started");
                 Ok(())
             }
-            Ok(Some(InitMessage::Error {
+            Started::Gone => Err(ContainerError::InitDied {
+                id: id.to_string(),
+                status: container.process.wait().await,
+            }),
+            Started::Failed {
                 message,
                 invalid_spec,
-            })) => Err(ContainerError::Init {
+            } => Err(ContainerError::Init {
                 id: id.to_string(),
                 message,
                 invalid_spec,
             }),
-            Ok(Some(other)) => {
+            Started::Unexpected(other) => {
                 tracing::warn!(
                     container = id,
                     "unexpected message from the container init after start: {other:?}"
                 );
                 Ok(())
             }
-            Err(source) => Err(ContainerError::Io {
+            Started::Unreadable(source) => Err(ContainerError::Io {
                 id: id.to_string(),
                 what: "reading the init's status after start",
                 source,

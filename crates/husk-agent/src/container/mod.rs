@@ -36,7 +36,7 @@ use crate::cgroup::oom::OomEvents;
 use crate::cgroup::{Cgroup, CgroupRoot};
 use crate::process::{Process, Reaper};
 use crate::seccomp::SeccompProgram;
-use launch::InitControl;
+use launch::StageControl;
 
 pub use error::ContainerError;
 pub use lookup::valid_id;
@@ -52,7 +52,7 @@ enum ExecSlot {
 pub struct Container {
     id: String,
     process: Arc<Process>,
-    control: tokio::sync::Mutex<Option<InitControl>>,
+    control: tokio::sync::Mutex<Option<StageControl>>,
     execs: Mutex<HashMap<String, ExecSlot>>,
     cgroup: Option<Cgroup>,
     /// Whether the container has its own PID namespace.
