@@ -9,7 +9,8 @@ use nix::unistd::Pid;
 
 use super::exec_stage::ExecConfig;
 use super::launch::{Launched, StageKind, StageLaunch, Started};
-use super::spec::{self, InitMessage};
+use super::protocol::StageMessage;
+use super::spec;
 use super::{ContainerError, Containers, ExecSlot};
 use crate::process::ExitStatus;
 
@@ -99,8 +100,8 @@ impl Containers {
             "exec stage started"
         );
         let pid = match control.next_message(id).await {
-            Ok(Some(InitMessage::Pid(pid))) => Pid::from_raw(pid),
-            Ok(Some(InitMessage::Error {
+            Ok(Some(StageMessage::Pid(pid))) => Pid::from_raw(pid),
+            Ok(Some(StageMessage::Error {
                 message,
                 invalid_spec,
             })) => return Err(failed(message, invalid_spec)),

@@ -22,17 +22,13 @@ use nix::unistd::Pid;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use super::spec::InitMessage;
+use super::protocol::{self, StageMessage};
 use super::stdio::{self, pipe, PendingStdio};
 use super::{ContainerError, Containers};
 use crate::cgroup::{Cgroup, CgroupError};
 use crate::process::spawn::{clone_exec, CloneExec};
 use crate::process::stdio::FdIo;
 use crate::process::{wait_exit, ExitReceiver, ExitStatus, Process};
-
-/// The descriptor number the cloned init reads its hold byte from, before
-/// it execs (it closes it then; the init stage keeps only fds 0-6).
-const HOLD_FD: i32 = 7;
 
 /// Which stage to launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,7 +133,7 @@ pub(super) enum Started {
     },
     /// The stage sent another message (the caller logs it); the program is
     /// taken to run.
-    Unexpected(InitMessage),
+    Unexpected(StageMessage),
     /// The status pipe could not be read.
     Unreadable(io::Error),
 }
@@ -145,7 +141,7 @@ pub(super) enum Started {
 impl StageControl {
     /// Reads the stage's next message; `None` at end-of-file. Warnings are
     /// logged and skipped.
-    pub(super) async fn next_message(&mut self, id: &str) -> io::Result<Option<InitMessage>> {
+    pub(super) async fn next_message(&mut self, id: &str) -> io::Result<Option<StageMessage>> {
         next_message(id, &mut self.status).await
     }
 
@@ -158,13 +154,13 @@ impl StageControl {
         } = self;
         // One byte into an empty pipe never blocks. It fails (EPIPE) only
         // when the stage is gone: killed before it was started.
-        if start.write_all(b"s").is_err() {
+        if start.write_all(protocol::GO).is_err() {
             return Started::Gone;
         }
         drop(start);
         match next_message(id, &mut status).await {
             Ok(None) => Started::Running,
-            Ok(Some(InitMessage::Error {
+            Ok(Some(StageMessage::Error {
                 message,
                 invalid_spec,
             })) => Started::Failed {
@@ -179,14 +175,14 @@ impl StageControl {
 
 /// Reads a stage's next message from its status pipe; `None` at
 /// end-of-file. Warnings are logged and skipped.
-async fn next_message(id: &str, status: &mut BufReader<FdIo>) -> io::Result<Option<InitMessage>> {
+async fn next_message(id: &str, status: &mut BufReader<FdIo>) -> io::Result<Option<StageMessage>> {
     loop {
         let mut line = String::new();
         if status.read_line(&mut line).await? == 0 {
             return Ok(None);
         }
-        match serde_json::from_str::<InitMessage>(line.trim_end()) {
-            Ok(InitMessage::Warning(text)) => {
+        match protocol::decode(&line) {
+            Ok(StageMessage::Warning(text)) => {
                 tracing::warn!(container = id, "container init: {text}");
             }
             Ok(message) => return Ok(Some(message)),
@@ -259,7 +255,7 @@ impl Containers {
         ];
         let mut fds = child_stdio.stage_fds(config_r.as_fd(), status_w.as_fd(), start_r.as_fd());
         if let Some((hold_r, _)) = &hold_pipe {
-            fds.push((hold_r.as_fd(), HOLD_FD));
+            fds.push((hold_r.as_fd(), protocol::HOLD_FD));
         }
         let request = CloneExec {
             namespaces: launch.namespaces,
@@ -267,7 +263,7 @@ impl Containers {
             argv: &argv,
             fds,
             parent_death_signal: self.options.die_with_agent.then_some(Signal::SIGKILL),
-            hold_fd: hold_pipe.as_ref().map(|_| HOLD_FD),
+            hold_fd: hold_pipe.as_ref().map(|_| protocol::HOLD_FD),
             become_userns_root: launch.hold.as_ref().is_some_and(|h| h.id_maps.is_some()),
         };
         // Called on a runtime worker thread (this is an async fn, not a
@@ -299,7 +295,7 @@ impl Containers {
             }
             // One byte into an empty pipe never blocks; a dead child is
             // noticed through its status pipe.
-            let _ = File::from(hold_w).write_all(b"g");
+            let _ = File::from(hold_w).write_all(protocol::RELEASE);
         }
 
         let status =

@@ -12,7 +12,8 @@ use nix::sys::signal::Signal;
 use oci_spec::runtime::{LinuxDevice, LinuxResources};
 
 use super::launch::{Hold, Launched, StageControl, StageKind, StageLaunch, Started};
-use super::spec::{self, InitConfig, InitMessage};
+use super::protocol::StageMessage;
+use super::spec::{self, InitConfig};
 use super::storage;
 use super::{valid_id, Container, ContainerError, ContainerOptions, Containers, Slot};
 use crate::cgroup::devices;
@@ -297,8 +298,8 @@ impl Containers {
         } = self.launch_stage(id, &launch, config).await?;
         tracing::debug!(container = id, pid = pid.as_raw(), "container init started");
         let failure = match control.next_message(id).await {
-            Ok(Some(InitMessage::Ready)) => None,
-            Ok(Some(InitMessage::Error {
+            Ok(Some(StageMessage::Ready)) => None,
+            Ok(Some(StageMessage::Error {
                 message,
                 invalid_spec,
             })) => Some(ContainerError::Init {
@@ -308,7 +309,7 @@ impl Containers {
             }),
             // End-of-file (or an unreadable pipe) before Ready: the init died;
             // its exit status is filled in below.
-            Ok(Some(InitMessage::Warning(_) | InitMessage::Pid(_))) | Ok(None) | Err(_) => {
+            Ok(Some(StageMessage::Warning(_) | StageMessage::Pid(_))) | Ok(None) | Err(_) => {
                 Some(ContainerError::InitDied {
                     id: id.to_string(),
                     status: ExitStatus::exited(-1),

@@ -16,6 +16,7 @@ mod lifecycle;
 mod lookup;
 pub mod mounts;
 mod process_io;
+pub mod protocol;
 pub mod ps;
 mod resources;
 mod signal;
