@@ -160,12 +160,5 @@ fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
         })?;
     }
     stage::wait_for_start(start);
-    stage::apply_limits(&config.process)?;
-    let (program, seccomp_installed) =
-        stage::become_user(&config.process, config.seccomp.as_ref())?;
-    step(sys::reset_signals(), || {
-        "resetting signal handlers".to_string()
-    })?;
-    let pending = config.seccomp.as_ref().filter(|_| !seccomp_installed);
-    stage::exec_program(&program, &config.process, pending)
+    stage::become_and_exec(&config.process, config.seccomp.as_ref(), || {})
 }

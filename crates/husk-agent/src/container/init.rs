@@ -71,17 +71,10 @@ fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
     if let Some(domainname) = &config.domainname {
         set_domainname(domainname)?;
     }
-    stage::apply_limits(&config.process)?;
-    let (program, seccomp_installed) =
-        stage::become_user(&config.process, config.seccomp.as_ref())?;
-
-    step(sys::reset_signals(), || {
-        "resetting signal handlers".to_string()
-    })?;
-    reporter.send(&StageMessage::Ready);
-    stage::wait_for_start(start);
-    let pending = config.seccomp.as_ref().filter(|_| !seccomp_installed);
-    stage::exec_program(&program, &config.process, pending)
+    stage::become_and_exec(&config.process, config.seccomp.as_ref(), || {
+        reporter.send(&StageMessage::Ready);
+        stage::wait_for_start(start);
+    })
 }
 
 /// Mounts everything under the rootfs and moves into it.

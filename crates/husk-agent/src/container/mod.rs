@@ -1,11 +1,14 @@
 //! Containers in the guest: the table of them and their types. Each part of
 //! their life has its own file: `lifecycle` (create holds the init before
 //! exec, start releases it, pause/resume freeze and thaw, remove kills and
-//! forgets), `exec` (extra processes), `launch` (the agent's side of
-//! starting a stage, shared by both), `signal`, `process_io` (stdin and
+//! forgets), `exec` (extra processes), `signal`, `process_io` (stdin and
 //! terminal size), `resources` (the cgroup-backed Update/Stats/OOM events),
-//! `lookup` (finding containers and processes), `error`. The stages
-//! themselves (`init`, `exec_stage`, `stage`) run in the container.
+//! `lookup` (finding containers and processes) and `error`.
+//!
+//! Both the init and an exec are built by a stage, the agent re-exec'd
+//! (`init`, `exec_stage`, with what they share in `stage`); `protocol` is
+//! how the agent and a stage talk, `launch` the agent's side of it, written
+//! once for both.
 
 mod error;
 mod exec;

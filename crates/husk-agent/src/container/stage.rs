@@ -431,6 +431,26 @@ pub fn become_user(
     Ok((program, seccomp_installed))
 }
 
+/// The last steps of every container process, once its namespaces and
+/// filesystem are done: limits, user and capabilities (with the seccomp
+/// filter when it must come first), default signal handlers, then
+/// `before_exec` (the init reports `Ready` and waits for its go there), the
+/// pending seccomp filter and `execve`.
+pub fn become_and_exec(
+    process: &ProcessConfig,
+    seccomp: Option<&SeccompProgram>,
+    before_exec: impl FnOnce(),
+) -> Result<Infallible, StageError> {
+    apply_limits(process)?;
+    let (program, seccomp_installed) = become_user(process, seccomp)?;
+    step(sys::reset_signals(), || {
+        "resetting signal handlers".to_string()
+    })?;
+    before_exec();
+    let pending = seccomp.filter(|_| !seccomp_installed);
+    exec_program(&program, process, pending)
+}
+
 /// Installs `seccomp` (when still pending) and execs the program.
 pub fn exec_program(
     program: &Path,
