@@ -9,25 +9,11 @@ use nix::unistd::Pid;
 
 use super::exec_stage::ExecConfig;
 use super::launch::{Launched, StageKind, StageLaunch, Started};
+use super::lookup::Reservation;
 use super::protocol::StageMessage;
 use super::spec;
 use super::{ContainerError, Containers, ExecSlot};
 use crate::process::ExitStatus;
-
-/// Frees a reserved exec id unless the exec started.
-struct ExecReservation<'a> {
-    container: &'a super::Container,
-    exec_id: &'a str,
-    done: bool,
-}
-
-impl Drop for ExecReservation<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.container.execs().remove(self.exec_id);
-        }
-    }
-}
 
 impl Containers {
     /// Starts `process_json` (an OCI process) in container `id` as
@@ -52,20 +38,12 @@ impl Containers {
         for note in notes {
             tracing::warn!(container = id, exec = exec_id, "{note}");
         }
-        {
-            let mut execs = container.execs();
-            if execs.contains_key(exec_id) {
-                return Err(ContainerError::ExecExists {
-                    id: id.to_string(),
-                    exec_id: exec_id.to_string(),
-                });
-            }
-            execs.insert(exec_id.to_string(), ExecSlot::Starting);
-        }
-        let mut reservation = ExecReservation {
-            container: &container,
-            exec_id,
-            done: false,
+        let Some(reservation) = Reservation::new(&container.execs, exec_id, ExecSlot::Starting)
+        else {
+            return Err(ContainerError::ExecExists {
+                id: id.to_string(),
+                exec_id: exec_id.to_string(),
+            });
         };
         let failed = |message: String, invalid_spec: bool| ContainerError::ExecFailed {
             id: id.to_string(),
@@ -168,10 +146,7 @@ impl Containers {
                 });
             }
         }
-        container
-            .execs()
-            .insert(exec_id.to_string(), ExecSlot::Ready(Arc::new(process)));
-        reservation.done = true;
+        reservation.fill(ExecSlot::Ready(Arc::new(process)));
         // The init may have died meanwhile; its watcher only saw the execs
         // that were ready.
         if container.process.exit_status().is_some() {

@@ -12,6 +12,7 @@ use nix::sys::signal::Signal;
 use oci_spec::runtime::{LinuxDevice, LinuxResources};
 
 use super::launch::{Hold, Launched, StageControl, StageKind, StageLaunch, Started};
+use super::lookup::Reservation;
 use super::protocol::StageMessage;
 use super::spec::{self, InitConfig};
 use super::storage;
@@ -20,21 +21,6 @@ use crate::cgroup::devices;
 use crate::cgroup::oom::OomEvents;
 use crate::cgroup::{Cgroup, CgroupError, CgroupRoot};
 use crate::process::{ExitStatus, Process, Reaper, SignalError};
-
-/// Removes a reserved id unless the create that reserved it succeeded.
-struct Reservation<'a> {
-    containers: &'a Containers,
-    id: &'a str,
-    done: bool,
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.containers.table().remove(self.id);
-        }
-    }
-}
 
 impl Containers {
     /// An empty table whose processes are reaped by `reaper`.
@@ -96,17 +82,8 @@ impl Containers {
         if !valid_id(id) {
             return Err(ContainerError::InvalidId(id.to_string()));
         }
-        {
-            let mut table = self.table();
-            if table.contains_key(id) {
-                return Err(ContainerError::AlreadyExists(id.to_string()));
-            }
-            table.insert(id.to_string(), Slot::Creating);
-        }
-        let mut reservation = Reservation {
-            containers: self,
-            id,
-            done: false,
+        let Some(reservation) = Reservation::new(&self.table, id, Slot::Creating) else {
+            return Err(ContainerError::AlreadyExists(id.to_string()));
         };
 
         let t0 = std::time::Instant::now();
@@ -173,8 +150,7 @@ impl Containers {
             oom_watch,
         });
         self.watch_init(&container);
-        self.table().insert(id.to_string(), Slot::Ready(container));
-        reservation.done = true;
+        reservation.fill(Slot::Ready(container));
         tracing::info!(container = id, "created");
         Ok(())
     }

@@ -1,7 +1,7 @@
-//! Finding containers and their processes.
+//! Finding containers and their processes, and reserving their ids.
 
 use std::collections::HashMap;
-use std::sync::{Arc, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use husk_protocol::agent::ProcessInfo;
 
@@ -19,6 +19,56 @@ pub fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '.' | '-'))
 }
 
+/// Locks a table. A poisoned lock only means a panic elsewhere; the map is
+/// still valid.
+fn lock<V>(table: &Mutex<HashMap<String, V>>) -> MutexGuard<'_, HashMap<String, V>> {
+    table.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An id reserved in a table (the containers', or a container's execs')
+/// while what it names is being made: removed again when dropped unless
+/// [`Reservation::fill`]ed, so that a failed create or exec leaves nothing.
+pub(super) struct Reservation<'a, V> {
+    table: &'a Mutex<HashMap<String, V>>,
+    id: &'a str,
+    filled: bool,
+}
+
+impl<'a, V> Reservation<'a, V> {
+    /// Reserves `id` in `table` with `placeholder`; `None` when the id is
+    /// taken.
+    pub(super) fn new(
+        table: &'a Mutex<HashMap<String, V>>,
+        id: &'a str,
+        placeholder: V,
+    ) -> Option<Self> {
+        let mut entries = lock(table);
+        if entries.contains_key(id) {
+            return None;
+        }
+        entries.insert(id.to_string(), placeholder);
+        Some(Self {
+            table,
+            id,
+            filled: false,
+        })
+    }
+
+    /// Puts `value` in place of the placeholder, for good.
+    pub(super) fn fill(mut self, value: V) {
+        lock(self.table).insert(self.id.to_string(), value);
+        self.filled = true;
+    }
+}
+
+impl<V> Drop for Reservation<'_, V> {
+    fn drop(&mut self) {
+        if !self.filled {
+            lock(self.table).remove(self.id);
+        }
+    }
+}
+
 impl Container {
     /// The container's id.
     pub fn id(&self) -> &str {
@@ -31,7 +81,7 @@ impl Container {
     }
 
     pub(super) fn execs(&self) -> MutexGuard<'_, HashMap<String, ExecSlot>> {
-        self.execs.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.execs)
     }
 
     /// The exec'd processes that finished starting, by exec id.
@@ -70,7 +120,7 @@ impl Container {
 
 impl Containers {
     pub(super) fn table(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.table)
     }
 
     /// The container `id`, once created.
@@ -136,6 +186,18 @@ impl Containers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reservation_is_undone_unless_filled() {
+        let table: Mutex<HashMap<String, u8>> = Mutex::new(HashMap::new());
+        let first = Reservation::new(&table, "a", 0).unwrap();
+        assert!(Reservation::new(&table, "a", 1).is_none());
+        drop(first);
+        assert!(lock(&table).is_empty());
+        Reservation::new(&table, "a", 0).unwrap().fill(7);
+        assert_eq!(lock(&table).get("a"), Some(&7));
+        assert!(Reservation::new(&table, "a", 1).is_none());
+    }
 
     #[test]
     fn container_ids() {
