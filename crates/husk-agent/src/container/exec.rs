@@ -107,8 +107,7 @@ impl Containers {
 
         if let Some(cgroup) = &container.cgroup {
             if let Err(source) = cgroup.add(pid.as_raw()) {
-                let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
-                process.wait().await;
+                self.kill_and_wait(&process).await;
                 return Err(ContainerError::Cgroup {
                     id: id.to_string(),
                     source,
@@ -137,8 +136,7 @@ impl Containers {
                 "unexpected message from the exec'd process: {other:?}"
             ),
             Started::Unreadable(source) => {
-                let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
-                process.wait().await;
+                self.kill_and_wait(&process).await;
                 return Err(ContainerError::Io {
                     id: id.to_string(),
                     what: "reading the exec'd process's status",

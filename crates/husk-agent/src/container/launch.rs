@@ -28,7 +28,7 @@ use super::{ContainerError, Containers};
 use crate::cgroup::{Cgroup, CgroupError};
 use crate::process::spawn::{clone_exec, CloneExec};
 use crate::process::stdio::FdIo;
-use crate::process::{wait_exit, ExitReceiver, ExitStatus, Process};
+use crate::process::{ExitReceiver, Process};
 
 /// Which stage to launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -343,11 +343,5 @@ impl Containers {
                 Err(source)
             }
         }
-    }
-
-    /// SIGKILLs child `pid` and waits for its exit.
-    pub(super) async fn kill_and_reap(&self, pid: Pid, exit: &ExitReceiver) -> ExitStatus {
-        let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
-        wait_exit(pid, exit).await
     }
 }

@@ -368,8 +368,7 @@ impl Containers {
         }
         let exit = process.wait().await;
         for (_, exec) in container.exec_processes() {
-            let _ = self.reaper.signal(exec.pid(), Signal::SIGKILL as i32);
-            exec.wait().await;
+            self.kill_and_wait(&exec).await;
         }
         if let Some(cgroup) = &container.cgroup {
             cgroup.kill_all();

@@ -1,12 +1,13 @@
 //! Signalling a container's processes: one process by exec id, or all of
 //! them (through a frozen cgroup, so that none acts before the others have
-//! their signal; a paused container stays frozen).
+//! their signal; a paused container stays frozen); and the agent's own
+//! kills of a process it gives up on.
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use super::{Container, ContainerError, Containers};
-use crate::process::{ExitStatus, SignalError};
+use crate::process::{wait_exit, ExitReceiver, ExitStatus, Process, SignalError};
 
 impl Containers {
     /// Sends `signal` to process `(id, exec_id)`, or with `all` to every
@@ -97,5 +98,18 @@ impl Containers {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
         }
         Ok(())
+    }
+
+    /// SIGKILLs child `pid`, which has no [`Process`] yet, and waits for
+    /// its exit.
+    pub(super) async fn kill_and_reap(&self, pid: Pid, exit: &ExitReceiver) -> ExitStatus {
+        let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
+        wait_exit(pid, exit).await
+    }
+
+    /// SIGKILLs `process` and waits for it.
+    pub(super) async fn kill_and_wait(&self, process: &Process) -> ExitStatus {
+        let _ = self.reaper.signal(process.pid(), Signal::SIGKILL as i32);
+        process.wait().await
     }
 }
