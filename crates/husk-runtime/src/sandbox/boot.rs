@@ -15,8 +15,8 @@ use super::{console_tail, Parts, SandboxError};
 use crate::agent::{AgentClient, TtrpcConn};
 use crate::config::{Config, SharedFsKind};
 use crate::sandbox_dir::SandboxDir;
-use crate::timing::TIMING;
 use crate::share::Share;
+use crate::timing::TIMING;
 
 /// Boots a VM named `id` whose state lives in `dir`, and waits until its
 /// agent answers. On error everything made so far, `dir` included, is gone.

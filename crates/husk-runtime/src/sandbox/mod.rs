@@ -874,7 +874,8 @@ impl Sandbox {
             let _ = rx.wait_for(|s| *s == 2).await;
             return;
         }
-        let span = tracing::info_span!(target: crate::timing::TIMING, "teardown", sandbox = %self.id);
+        let span =
+            tracing::info_span!(target: crate::timing::TIMING, "teardown", sandbox = %self.id);
         self.teardown_once(keep_state).instrument(span).await
     }
 

@@ -562,3 +562,43 @@ async fn a_second_teardown_waits_for_the_first_and_returns() {
     assert!(f.sandbox.is_torn_down());
     assert_eq!(f.vm.shutdowns(), 1);
 }
+
+/// A writer into a shared buffer, for a test's own logger.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn each_phase_is_a_timing_span_reported_when_it_closes() {
+    let log = Captured::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("husk_timing=info")
+        .with_span_events(crate::timing::SPAN_EVENTS)
+        .with_writer(move || writer.clone())
+        .json()
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    let (_r, f) = running("spans").await;
+    f.sandbox.teardown(false).await;
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let closed: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["target"] == crate::timing::TIMING && v["fields"]["message"] == "close")
+        .map(|v| {
+            assert!(v["fields"]["time.busy"].is_string(), "{v}");
+            assert!(v["fields"]["time.idle"].is_string(), "{v}");
+            v["span"]["name"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(closed, ["create", "start", "teardown"], "{text}");
+}
