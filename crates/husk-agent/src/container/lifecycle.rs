@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex};
+use tracing::Instrument;
 
 use husk_protocol::agent::Storage;
 use nix::sys::signal::Signal;
@@ -86,9 +87,11 @@ impl Containers {
             return Err(ContainerError::AlreadyExists(id.to_string()));
         };
 
-        let t0 = std::time::Instant::now();
-        self.mount_storages(storages).await?;
-        let t_mount = t0.elapsed();
+        // The phases are timing spans (target `husk_timing`, at debug).
+        self.mount_storages(storages)
+            .instrument(tracing::debug_span!(target: "husk_timing", "guest_mount"))
+            .await?;
+        let in_spec = tracing::debug_span!(target: "husk_timing", "guest_spec").entered();
         let spec = spec::parse(spec_json)?;
         let (mut config, ignored) = spec::translate(&spec)?;
         if !config.rootfs.is_dir() {
@@ -100,25 +103,18 @@ impl Containers {
             tracing::warn!(container = id, "{note}");
         }
         let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
-        let t_spec = t0.elapsed();
+        drop(in_spec);
         let device_nodes = spec
             .linux()
             .as_ref()
             .and_then(|l| l.devices().as_deref())
             .unwrap_or_default();
-        let cgroup = self.create_cgroup(id, resources, device_nodes)?;
-        let t_cgroup = t0.elapsed();
+        let cgroup = tracing::debug_span!(target: "husk_timing", "guest_cgroup")
+            .in_scope(|| self.create_cgroup(id, resources, device_nodes))?;
         let spawned = self
             .spawn_init(id, &config, namespaces, cgroup.as_ref(), id_maps.as_ref())
+            .instrument(tracing::debug_span!(target: "husk_timing", "guest_init_ready"))
             .await;
-        tracing::debug!(
-            container = id,
-            mount_us = t_mount.as_micros() as u64,
-            spec_us = t_spec.as_micros() as u64,
-            cgroup_us = t_cgroup.as_micros() as u64,
-            init_ready_us = t0.elapsed().as_micros() as u64,
-            "create timings"
-        );
         let (process, control) = match spawned {
             Ok(spawned) => spawned,
             Err(e) => {
