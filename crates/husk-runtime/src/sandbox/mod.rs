@@ -21,6 +21,8 @@ mod boot;
 mod container;
 pub mod fake;
 #[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod tests;
 pub mod vm;
 
