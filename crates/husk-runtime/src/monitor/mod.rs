@@ -243,6 +243,8 @@ async fn serve_inner(
         &bundle,
         &opts.agent_log,
         HostPid::Owner,
+        // The CLI is not the CRI path: only the spec's limits size the VM.
+        crate::sizing::Annotations::Ignored,
     )
     .await?;
     let prepared = async {

@@ -192,8 +192,10 @@ impl super::Sandbox {
         owner: &crate::bundle::Bundle,
         agent_log: &str,
         host_pid: super::HostPid,
+        annotations: crate::sizing::Annotations,
     ) -> Result<std::sync::Arc<super::Sandbox>, SandboxError> {
-        let sized = crate::sizing::vm_config(cfg, &owner.spec, &crate::sizing::Host::probe())
+        let host = crate::sizing::Host::probe();
+        let sized = crate::sizing::vm_config(cfg, &owner.spec, &host, annotations)
             .map_err(SandboxError::Sizing)?;
         let me = std::process::id() as i32;
         let record = crate::state::ContainerState {

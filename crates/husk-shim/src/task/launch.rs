@@ -10,6 +10,7 @@ use husk_runtime::bundle::Bundle;
 use husk_runtime::config::Config;
 use husk_runtime::sandbox::{HostPid, Sandbox, SandboxError};
 use husk_runtime::sandbox_dir::SandboxDir;
+use husk_runtime::sizing::Annotations;
 
 /// Boots the sandbox of pod `id` in `dir`, sized from its owner's bundle.
 #[async_trait]
@@ -24,7 +25,8 @@ pub trait Launch: Send + Sync {
     ) -> Result<Arc<Sandbox>, SandboxError>;
 }
 
-/// A real VM under QEMU, probed on this host; containerd's pid for every
+/// A real VM under QEMU, probed on this host, sized by the CRI sandbox
+/// annotations too (this is the CRI path); containerd's pid for every
 /// process of the pod is QEMU's.
 pub struct QemuLaunch;
 
@@ -47,6 +49,7 @@ impl Launch for QemuLaunch {
             owner,
             agent_log,
             HostPid::Vm,
+            Annotations::Honoured,
         )
         .await
     }
