@@ -4,8 +4,14 @@
 //! - `root.path` becomes the rootfs inside the sandbox share
 //!   (`<GUEST_SHARE_DIR>/<container>/rootfs`).
 //! - Bind mounts of host files and directories are shared too
-//!   (`<container>/mounts/<n>`) and their sources rewritten. Sources under
-//!   `/dev`, `/proc` and `/sys` name the guest's own and are left alone.
+//!   (`<container>/mounts/<n>`) and their sources rewritten. Sources named
+//!   under `/dev`, `/proc` and `/sys` (plain names, no `.` or `..`) name the
+//!   guest's own and are left alone. Any other source is resolved on the
+//!   host (`..`, symlinks) and refused if it leads into the host's `/dev`,
+//!   `/proc` or `/sys`: those must never reach the guest. The share checks
+//!   the opened tree once more (`share.rs`).
+//! - Read-only binds and a read-only rootfs are marked so: the share makes
+//!   them read-only on the host side, not only in the guest.
 //! - Namespace paths name host namespaces, which the guest cannot join; they
 //!   are dropped (the container gets fresh namespaces in the guest).
 //! - Hooks run on the host and are not sent to the guest.
@@ -28,6 +34,17 @@ pub struct ShareBind {
     /// Relative to the share directory.
     pub share_path: PathBuf,
     pub is_dir: bool,
+    /// Read-only in the share on the host side (`ro`, `root.readonly`).
+    pub readonly: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TranslateError {
+    #[error("bind-mount source {source_path} leads to {resolved}, inside the host's /dev, /proc or /sys: refused (name /dev, /proc or /sys directly to mount the guest's own)")]
+    HostKernelPath {
+        source_path: PathBuf,
+        resolved: PathBuf,
+    },
 }
 
 /// The guest spec and the binds it relies on.
@@ -44,21 +61,84 @@ fn is_bind(m: &Mount) -> bool {
             .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
 }
 
+const GUEST_OWNED: [&str; 3] = ["/dev", "/proc", "/sys"];
+
+fn under_guest_owned(p: &Path) -> bool {
+    GUEST_OWNED.iter().any(|pre| p.starts_with(pre))
+}
+
+/// A source that names the guest's own `/dev`, `/proc` or `/sys`: an
+/// absolute path under one of them made of plain names only.
 fn is_guest_owned(p: &Path) -> bool {
-    ["/dev", "/proc", "/sys"]
-        .iter()
-        .any(|pre| p == Path::new(pre) || p.starts_with(pre))
+    use std::path::Component;
+    p.is_absolute()
+        && p.components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+        && under_guest_owned(p)
+}
+
+/// The host path `p` leads to: resolved (`..`, symlinks) when it exists,
+/// refused when that is inside the host's `/dev`, `/proc` or `/sys`. A path
+/// that does not exist is returned as it is (the share reports it missing,
+/// and checks the opened tree again).
+fn resolve_host(p: &Path) -> Result<PathBuf, TranslateError> {
+    let (resolved, exists) = match std::fs::canonicalize(p) {
+        Ok(r) => (r, true),
+        Err(_) => (lexical(p), false),
+    };
+    if under_guest_owned(&resolved) {
+        return Err(TranslateError::HostKernelPath {
+            source_path: p.to_path_buf(),
+            resolved,
+        });
+    }
+    Ok(if exists { resolved } else { p.to_path_buf() })
+}
+
+/// `p` with `.` and `..` folded away by text (for a path that does not
+/// exist, so has no symlinks to follow).
+fn lexical(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Whether mount options leave the mount read-only (the last of `ro`/`rw`).
+fn is_readonly(m: &Mount) -> bool {
+    m.options()
+        .as_ref()
+        .and_then(|o| o.iter().rev().find(|x| *x == "ro" || *x == "rw"))
+        .is_some_and(|x| x == "ro")
 }
 
 /// Translates `spec` (from the bundle at `bundle_dir`, rootfs at `rootfs`)
 /// for container `cid`.
-pub fn guest_spec(spec: &Spec, cid: &str, bundle_dir: &Path, rootfs: &Path) -> GuestSpec {
+pub fn guest_spec(
+    spec: &Spec,
+    cid: &str,
+    bundle_dir: &Path,
+    rootfs: &Path,
+) -> Result<GuestSpec, TranslateError> {
     let mut spec = spec.clone();
     let guest_dir = Path::new(GUEST_SHARE_DIR).join(cid);
     let mut binds = vec![ShareBind {
-        host_source: rootfs.to_path_buf(),
+        host_source: resolve_host(rootfs)?,
         share_path: Path::new(cid).join("rootfs"),
         is_dir: true,
+        readonly: spec
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false),
     }];
 
     if let Some(mut root) = spec.root().clone() {
@@ -82,10 +162,12 @@ pub fn guest_spec(spec: &Spec, cid: &str, bundle_dir: &Path, rootfs: &Path) -> G
             if is_guest_owned(&host) {
                 continue;
             }
+            let host = resolve_host(&host)?;
             let share_path = Path::new(cid).join("mounts").join(n.to_string());
             m.set_source(Some(Path::new(GUEST_SHARE_DIR).join(&share_path)));
             binds.push(ShareBind {
                 is_dir: !host.is_file(),
+                readonly: is_readonly(m),
                 host_source: host,
                 share_path,
             });
@@ -131,7 +213,7 @@ pub fn guest_spec(spec: &Spec, cid: &str, bundle_dir: &Path, rootfs: &Path) -> G
         }
     }
     spec.set_hooks(None);
-    GuestSpec { spec, binds }
+    Ok(GuestSpec { spec, binds })
 }
 
 #[cfg(test)]
@@ -165,7 +247,7 @@ mod tests {
 
     #[test]
     fn root_and_binds_move_into_the_share() {
-        let g = guest_spec(&spec(S), "c1", Path::new("/b"), Path::new("/b/rootfs"));
+        let g = guest_spec(&spec(S), "c1", Path::new("/b"), Path::new("/b/rootfs")).unwrap();
         assert_eq!(
             g.spec.root().as_ref().unwrap().path(),
             Path::new("/run/husk/share/c1/rootfs")
@@ -202,7 +284,7 @@ mod tests {
 
     #[test]
     fn host_only_parts_are_dropped() {
-        let g = guest_spec(&spec(S), "c1", Path::new("/b"), Path::new("/b/rootfs"));
+        let g = guest_spec(&spec(S), "c1", Path::new("/b"), Path::new("/b/rootfs")).unwrap();
         assert!(g.spec.hooks().is_none());
         let nss = g
             .spec
