@@ -131,11 +131,35 @@ impl Target {
     }
 }
 
-/// Writes `pid` to `path` atomically (runc's --pid-file).
+/// Writes `pid` to `path` atomically (runc's --pid-file), following no
+/// symlink: the temporary file is created exclusively with `O_NOFOLLOW`, and
+/// `rename` replaces `path` itself (a symlink there is replaced, not
+/// followed).
 pub fn write_pid_file(path: &Path, pid: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("husk-tmp");
-    std::fs::write(&tmp, pid.to_string())
+    let open = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+    };
+    let mut f = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // A stale temporary (or a planted name): unlink never follows.
+            std::fs::remove_file(&tmp)
+                .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
+            open()
+        }
+        r => r,
+    }
+    .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(pid.to_string().as_bytes())
         .with_context(|| format!("cannot write {}", tmp.display()))?;
+    drop(f);
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
