@@ -289,6 +289,9 @@ impl Share {
             source_path: b.host_source.clone(),
             source,
         };
+        if !b.mount_targets.is_empty() {
+            make_mount_targets(&b.host_source, &b.mount_targets)?;
+        }
         // The source is the spec's (the host caller's), not the guest's.
         let tree = sys::open_tree(
             None,
@@ -468,6 +471,76 @@ impl Drop for Share {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// Makes the missing mount points `targets` inside the rootfs `rootfs`
+/// (for a read-only rootfs, where the guest cannot). Names are resolved
+/// inside the rootfs (`RESOLVE_IN_ROOT`: a symlink in an image cannot lead
+/// out of it); an existing name, even a dangling symlink, is left as it is.
+fn make_mount_targets(rootfs: &Path, targets: &[(PathBuf, bool)]) -> Result<(), ShareError> {
+    let err = |p: &Path, source| ShareError::MountPoint {
+        path: rootfs.join(p.strip_prefix("/").unwrap_or(p)),
+        source,
+    };
+    let cwd = std::fs::File::open("/").map_err(|e| err(Path::new("/"), e))?;
+    let root = sys::openat2(
+        cwd.as_fd(),
+        &cstr(rootfs),
+        libc::O_PATH | libc::O_DIRECTORY,
+        0,
+        0,
+    )
+    .map_err(|e| err(Path::new("/"), e))?;
+    for (target, is_file) in targets {
+        let mut at = PathBuf::new();
+        let n = target.components().count();
+        for (i, c) in target.components().enumerate() {
+            let Component::Normal(name) = c else {
+                continue;
+            };
+            let parent = sys::openat2(
+                root.as_fd(),
+                &cstr(if at.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    &at
+                }),
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+                sys::RESOLVE_IN_ROOT | sys::RESOLVE_NO_MAGICLINKS,
+            )
+            .map_err(|e| err(&at, e))?;
+            at.push(name);
+            let exists = sys::openat2(
+                parent.as_fd(),
+                &cstr(Path::new(name)),
+                libc::O_PATH | libc::O_NOFOLLOW,
+                0,
+                sys::RESOLVE_BENEATH,
+            );
+            match exists {
+                Ok(_) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(err(&at, e)),
+            }
+            if i + 1 == n && *is_file {
+                sys::openat2(
+                    parent.as_fd(),
+                    &cstr(Path::new(name)),
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW,
+                    0o644,
+                    sys::RESOLVE_BENEATH,
+                )
+                .map_err(|e| err(&at, e))?;
+            } else {
+                match nix::sys::stat::mkdirat(&parent, name, Mode::from_bits_truncate(0o755)) {
+                    Ok(()) | Err(nix::Error::EEXIST) => {}
+                    Err(e) => return Err(err(&at, nix_io(e))),
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `p` if it is made of plain names only (no `/`, `.`, `..` or prefix).

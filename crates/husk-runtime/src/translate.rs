@@ -36,6 +36,10 @@ pub struct ShareBind {
     pub is_dir: bool,
     /// Read-only in the share on the host side (`ro`, `root.readonly`).
     pub readonly: bool,
+    /// For a read-only rootfs: the mount points the guest will need in it
+    /// (path inside the rootfs, `true` for a file), made on the host before
+    /// the bind, since the guest cannot make them in a read-only share.
+    pub mount_targets: Vec<(PathBuf, bool)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +143,7 @@ pub fn guest_spec(
             .as_ref()
             .and_then(|r| r.readonly())
             .unwrap_or(false),
+        mount_targets: Vec::new(),
     }];
 
     if let Some(mut root) = spec.root().clone() {
@@ -170,6 +175,7 @@ pub fn guest_spec(
                 readonly: is_readonly(m),
                 host_source: host,
                 share_path,
+                mount_targets: Vec::new(),
             });
         }
     }
@@ -211,6 +217,26 @@ pub fn guest_spec(
                 io.set_throttle_write_iops_device(None);
             }
         }
+    }
+    if binds[0].readonly {
+        let file_binds: Vec<&Path> = binds[1..]
+            .iter()
+            .filter(|b| !b.is_dir)
+            .map(|b| b.share_path.as_path())
+            .collect();
+        binds[0].mount_targets = spec
+            .mounts()
+            .iter()
+            .flatten()
+            .filter(|m| m.destination().is_absolute() && m.destination() != Path::new("/"))
+            .map(|m| {
+                let is_file = m
+                    .source()
+                    .as_ref()
+                    .is_some_and(|s| file_binds.iter().any(|f| s.ends_with(f)));
+                (m.destination().clone(), is_file)
+            })
+            .collect();
     }
     spec.set_hooks(None);
     Ok(GuestSpec { spec, binds })
@@ -312,5 +338,135 @@ mod tests {
         let io = r.block_io().as_ref().unwrap();
         assert_eq!(io.weight(), Some(200));
         assert!(io.throttle_read_bps_device().is_none());
+    }
+
+    fn with_bind(source: &str, options: &[&str]) -> Spec {
+        spec(&format!(
+            r#"{{"ociVersion": "1.0.2", "root": {{"path": "rootfs"}},
+                "mounts": [{{"destination": "/m", "type": "bind", "source": {source:?}, "options": {options:?}}}]}}"#
+        ))
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("husk-tr-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("a/b")).unwrap();
+        std::os::unix::fs::symlink("/proc", d.join("to-proc")).unwrap();
+        std::os::unix::fs::symlink("/sys/kernel", d.join("to-sys")).unwrap();
+        std::os::unix::fs::symlink("/dev", d.join("a/to-dev")).unwrap();
+        std::os::unix::fs::symlink("../../..", d.join("a/b/up")).unwrap();
+        d
+    }
+
+    #[test]
+    fn sources_that_lead_into_host_kernel_dirs_are_refused() {
+        let d = scratch("guard");
+        let ds = d.display();
+        for src in [
+            format!("{ds}/a/../../../proc"),
+            "/tmp/../proc/self".to_string(),
+            "/dev/../dev/sda".to_string(),
+            format!("{ds}/to-proc"),
+            format!("{ds}/to-sys/.."),
+            format!("{ds}/a/to-dev/null"),
+            format!("{ds}/a/b/up/../../proc"),
+        ] {
+            let r = guest_spec(&with_bind(&src, &["rbind"]), "c", &d, &d.join("rootfs"));
+            assert!(
+                matches!(r, Err(TranslateError::HostKernelPath { .. })),
+                "{src}: {r:?}"
+            );
+        }
+        // Named directly, they are the guest's own: left alone, not shared.
+        for src in ["/proc", "/dev/shm", "/sys/fs/cgroup", "/./sys"] {
+            let g = guest_spec(&with_bind(src, &["rbind"]), "c", &d, &d.join("rootfs")).unwrap();
+            assert_eq!(g.binds.len(), 1, "{src}: only the rootfs is shared");
+        }
+        // A relative source resolves against the bundle.
+        let r = guest_spec(&with_bind("to-proc", &["bind"]), "c", &d, &d.join("rootfs"));
+        assert!(r.is_err(), "{r:?}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn read_only_binds_and_rootfs_are_marked() {
+        let g = guest_spec(&spec(S), "c1", Path::new("/b"), Path::new("/b/rootfs")).unwrap();
+        let ro: Vec<_> = g.binds.iter().map(|b| b.readonly).collect();
+        assert_eq!(ro, [false, false, true, false]);
+        assert!(g.binds[0].mount_targets.is_empty());
+        let mut s = spec(S);
+        s.root_mut().as_mut().unwrap().set_readonly(Some(true));
+        let g = guest_spec(&s, "c1", Path::new("/b"), Path::new("/b/rootfs")).unwrap();
+        assert!(g.binds[0].readonly);
+        let t = &g.binds[0].mount_targets;
+        assert!(t.contains(&(PathBuf::from("/etc/hosts"), true)), "{t:?}");
+        assert!(t.contains(&(PathBuf::from("/data"), false)), "{t:?}");
+        let m = with_bind("/x", &["rbind", "ro", "rw"]);
+        let g = guest_spec(&m, "c", Path::new("/b"), Path::new("/b/rootfs")).unwrap();
+        assert!(!g.binds[1].readonly, "the last of ro/rw wins");
+    }
+
+    mod proptests {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn component() -> impl Strategy<Value = &'static str> {
+            proptest::sample::select(vec![
+                "proc", "sys", "dev", "tmp", "a", "b", "..", ".", "to-proc", "to-sys", "to-dev",
+                "up", "x",
+            ])
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+            /// Whatever the spelling (`..`, `.`, symlinks into /proc, /sys,
+            /// /dev), no bind the host makes has a source that resolves
+            /// inside the host's /dev, /proc or /sys.
+            #[test]
+            fn no_bind_source_resolves_into_host_kernel_dirs(
+                parts in proptest::collection::vec(component(), 0..8),
+                absolute in any::<bool>(),
+                from_scratch in any::<bool>(),
+            ) {
+                let d = SCRATCH.with(|d| d.clone());
+                let rel = parts.join("/");
+                let src = match (absolute, from_scratch) {
+                    (true, true) => format!("{}/{rel}", d.display()),
+                    (true, false) => format!("/{rel}"),
+                    (false, _) => rel.clone(),
+                };
+                if src.is_empty() {
+                    return Ok(());
+                }
+                let r = guest_spec(&with_bind(&src, &["rbind"]), "c", &d, &d.join("rootfs"));
+                if let Ok(g) = r {
+                    for b in &g.binds[1..] {
+                        let resolved = std::fs::canonicalize(&b.host_source)
+                            .unwrap_or_else(|_| lexical(&b.host_source));
+                        prop_assert!(
+                            !under_guest_owned(&resolved),
+                            "{src} is bound from {}", resolved.display()
+                        );
+                    }
+                }
+            }
+        }
+
+        thread_local! {
+            static SCRATCH: PathBuf = {
+                let d = std::env::temp_dir().join(format!(
+                    "husk-tr-prop-{}-{:?}",
+                    std::process::id(),
+                    std::thread::current().id()
+                ));
+                let _ = std::fs::remove_dir_all(&d);
+                std::fs::create_dir_all(d.join("a/b")).unwrap();
+                std::os::unix::fs::symlink("/proc", d.join("to-proc")).unwrap();
+                std::os::unix::fs::symlink("/sys/kernel", d.join("to-sys")).unwrap();
+                std::os::unix::fs::symlink("/dev", d.join("a/to-dev")).unwrap();
+                std::os::unix::fs::symlink("../..", d.join("a/up")).unwrap();
+                d
+            };
+        }
     }
 }

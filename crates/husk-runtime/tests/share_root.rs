@@ -87,6 +87,7 @@ fn bind(src: &Path, share_path: &str, is_dir: bool, readonly: bool) -> ShareBind
         share_path: PathBuf::from(share_path),
         is_dir,
         readonly,
+        mount_targets: Vec::new(),
     }
 }
 
