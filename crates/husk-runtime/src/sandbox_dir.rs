@@ -268,4 +268,30 @@ mod tests {
         assert!(!share.join("c/mounts").exists());
         std::fs::remove_dir_all(&root).unwrap();
     }
+
+    #[test]
+    fn state_dirs_are_0700_and_sockets_0600_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+        let root = std::env::temp_dir().join(format!("husk-um-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let d = SandboxDir::create(&root.join("state"), "u");
+        let sock = d
+            .as_ref()
+            .ok()
+            .map(|d| std::os::unix::net::UnixListener::bind(d.monitor_socket()));
+        nix::sys::stat::umask(old);
+        let d = d.unwrap();
+        let _listener = sock.unwrap().unwrap();
+        assert_eq!(mode(&root.join("state")), 0o700, "a root it made");
+        assert_eq!(mode(d.path()), 0o700);
+        restrict(&d.monitor_socket(), 0o600).unwrap();
+        assert_eq!(mode(&d.monitor_socket()), 0o600);
+        // A symlink is never chmod-ed through.
+        std::os::unix::fs::symlink("/etc/passwd", d.path().join("qmp.sock")).unwrap();
+        assert!(restrict(&d.qmp_socket(), 0o600).is_err());
+        drop(d);
+        fs::remove_dir_all(&root).unwrap();
+    }
 }

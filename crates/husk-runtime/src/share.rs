@@ -492,6 +492,21 @@ fn make_mount_targets(rootfs: &Path, targets: &[(PathBuf, bool)]) -> Result<(), 
     )
     .map_err(|e| err(Path::new("/"), e))?;
     for (target, is_file) in targets {
+        // Best effort: what cannot be made is the guest's to report.
+        if let Err(e) = make_mount_target(root.as_fd(), target, *is_file, &err) {
+            tracing::debug!("mount point not made: {}", crate::monitor::error_chain(&e));
+        }
+    }
+    Ok(())
+}
+
+fn make_mount_target(
+    root: BorrowedFd<'_>,
+    target: &Path,
+    is_file: bool,
+    err: &dyn Fn(&Path, io::Error) -> ShareError,
+) -> Result<(), ShareError> {
+    {
         let mut at = PathBuf::new();
         let n = target.components().count();
         for (i, c) in target.components().enumerate() {
@@ -499,7 +514,7 @@ fn make_mount_targets(rootfs: &Path, targets: &[(PathBuf, bool)]) -> Result<(), 
                 continue;
             };
             let parent = sys::openat2(
-                root.as_fd(),
+                root,
                 &cstr(if at.as_os_str().is_empty() {
                     Path::new(".")
                 } else {
@@ -523,7 +538,7 @@ fn make_mount_targets(rootfs: &Path, targets: &[(PathBuf, bool)]) -> Result<(), 
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(e) => return Err(err(&at, e)),
             }
-            if i + 1 == n && *is_file {
+            if i + 1 == n && is_file {
                 sys::openat2(
                     parent.as_fd(),
                     &cstr(Path::new(name)),

@@ -308,3 +308,32 @@ fn unbind_and_teardown_leave_nothing() {
         Err(e) => assert_ne!(e.kind(), ErrorKind::NotFound, "source deleted"),
     }
 }
+
+#[test]
+fn a_read_only_rootfs_gets_its_mount_points_made_on_the_host_inside_it() {
+    let s = Scratch::new("targets");
+    // An image symlink that would lead out of the rootfs.
+    std::os::unix::fs::symlink(s.dir.join("outside"), s.src("tree/escape")).unwrap();
+    let mut share = s.share();
+    let mut b = bind(&s.src("tree"), "c1/rootfs", true, true);
+    b.mount_targets = vec![
+        (PathBuf::from("/etc/hosts"), true),
+        (PathBuf::from("/var/tmp"), false),
+        (PathBuf::from("/escape/x"), false),
+        (PathBuf::from("/file"), false),
+    ];
+    share.bind_container("c1", &[b]).unwrap();
+    assert!(s.src("tree/etc/hosts").is_file());
+    assert!(s.src("tree/var/tmp").is_dir());
+    assert_eq!(fs::read_to_string(s.src("tree/file")).unwrap(), "host data");
+    assert_eq!(
+        fs::read_dir(s.dir.join("outside")).unwrap().count(),
+        0,
+        "a symlink in the image led out of the rootfs"
+    );
+    assert!(erofs(fs::write(
+        s.served().join("c1/rootfs/etc/hosts"),
+        "x"
+    )));
+    share.teardown();
+}

@@ -200,4 +200,28 @@ mod tests {
             .to_string()
             .contains("NOPE"));
     }
+
+    #[test]
+    fn pid_file_follows_no_symlink() {
+        let d = std::env::temp_dir().join(format!("husk-pid-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let victim = d.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let pid = d.join("pid");
+        // Planted at the temporary name and at the pid file itself.
+        std::os::unix::fs::symlink(&victim, d.join("pid.husk-tmp")).unwrap();
+        write_pid_file(&pid, 42).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(std::fs::read_to_string(&pid).unwrap(), "42");
+        std::fs::remove_file(&pid).unwrap();
+        std::os::unix::fs::symlink(&victim, &pid).unwrap();
+        write_pid_file(&pid, 43).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(!std::fs::symlink_metadata(&pid)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 }
