@@ -315,7 +315,7 @@ impl Share {
         }
         let attr = sys::MountAttr {
             attr_set,
-            propagation: libc::MS_PRIVATE as u64,
+            propagation: libc::MS_PRIVATE,
             ..Default::default()
         };
         sys::mount_setattr(
@@ -577,7 +577,7 @@ fn refuse_kernel_fs(tree: &OwnedFd, source: &Path) -> Result<(), ShareError> {
     const SYSFS_MAGIC: i64 = 0x6265_6572;
     let refused = || ShareError::HostKernelFs(source.to_path_buf());
     if let Ok(fs) = nix::sys::statfs::fstatfs(tree) {
-        let t = fs.filesystem_type().0 as i64;
+        let t = fs.filesystem_type().0;
         if t == PROC_SUPER_MAGIC || t == SYSFS_MAGIC {
             return Err(refused());
         }
