@@ -121,7 +121,7 @@ fn vm_privileged_guest_cannot_write_read_only_binds_or_plant_devices() {
          echo pwned > {s}/mounts/{n_ro}/secret && echo ro-bind-written; \
          echo pwned > {s}/rootfs/etc/passwd && echo rootfs-written; \
          echo pwned > {s}/rootfs/planted && echo rootfs-planted; \
-         mknod {s}/mounts/{n_rw}/mem c 1 1 && echo mknod-done; \
+         mknod {s}/mounts/{n_rw}/mem c 1 3 && echo mknod-done; \
          cp /bin/busybox {s}/mounts/{n_rw}/suid && chmod 4755 {s}/mounts/{n_rw}/suid && echo suid-done; \
          ln -s / /dev/shm/s/next && echo top-level-planted; \
          echo attack-over; exec sleep 1000"
