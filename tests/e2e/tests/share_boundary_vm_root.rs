@@ -21,6 +21,7 @@ use std::ffi::OsStr;
 use std::process::Output;
 use std::time::Duration;
 
+use husk_e2e::containerd::{Containerd, IMAGE};
 use husk_e2e::*;
 use serde_json::{json, Value};
 
@@ -233,4 +234,107 @@ fn privileged_guest_attacks(driver: Share) {
     // The setuid file landed in the writable bind, where the host mount
     // is nosuid (checked above).
     env.assert_no_leaks();
+}
+
+#[test]
+fn vm_symlink_planted_in_the_share_is_not_followed_when_a_container_joins() {
+    let c = Containerd::start("share-join");
+    let target = TempDir::new("share-target");
+    let t = target.path().to_string_lossy().to_string();
+    // The pod's sandbox container: every capability, the guest's pid
+    // namespace (a full spec through `ctr run --config`). Where the host will
+    // make the mount points of the member that joins later (`sj1-app/...`),
+    // it plants symlinks to a host directory.
+    let script = format!(
+        "{}; ln -s {t} $S/sj1-app && echo planted; \
+         mkdir $S/sj1-app2 && ln -s {t} $S/sj1-app2/rootfs && echo planted2; \
+         echo plant-over; exec sleep 1000",
+        reach_share("sj1")
+    );
+    let mut b = Bundle::busybox(&["sh", "-c", &script]);
+    b.set_capabilities(ALL_CAPS);
+    b.spec["process"]["noNewPrivileges"] = json!(false);
+    b.spec["root"]["path"] = json!(b.rootfs());
+    b.spec["linux"]["namespaces"] = json!([{"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]);
+    b.spec["annotations"] = json!({
+        "io.kubernetes.cri.container-type": "sandbox",
+        "io.kubernetes.cri.sandbox-id": "sj1",
+    });
+    b.save();
+    let spec = b.dir().join("config.json").to_string_lossy().to_string();
+    let log = b.dir().join("out.log");
+    let log_uri = format!("file://{}", log.display());
+    let cmd = c.run_cmd(&["-d", "--log-uri", &log_uri, "--config", &spec, "sj1"]);
+    let o = c.output(cmd, b"");
+    assert_exit(&o, 0);
+    c.wait_status("sj1", "RUNNING");
+    c.note_socket("sj1");
+    let planted = wait_until(T, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("plant-over")
+    });
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    eprintln!("the sandbox container said:\n{said}");
+    let member = [
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=sj1",
+    ];
+    // The members join (on main: their mount points are made through the
+    // planted links, in the host directory).
+    let mut joined = Vec::new();
+    for app in ["sj1-app", "sj1-app2"] {
+        let mut a = vec!["-d", "--null-io"];
+        a.extend_from_slice(&member);
+        a.extend_from_slice(&[IMAGE, app, "sleep", "1000"]);
+        let o = c.output(c.run_cmd(&a), b"");
+        if o.status.code() == Some(0) {
+            c.wait_status(app, "RUNNING");
+            joined.push(app);
+        } else {
+            eprintln!("{app} did not join: {}", stderr(&o));
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(target.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let shim_mounts: Vec<String> = c
+        .shims()
+        .iter()
+        .flat_map(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/mountinfo"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(&t))
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for id in ["sj1-app2", "sj1-app", "sj1"] {
+        if c.task_status(id).is_some() {
+            let _ = c.ctr_out(&["task", "kill", "-s", "SIGKILL", id]);
+            c.wait_status(id, "STOPPED");
+            let _ = c.ctr_out(&["task", "delete", id]);
+        }
+        let _ = c.ctr_out(&["container", "rm", id]);
+    }
+    assert!(planted, "the sandbox container did not finish: {said}");
+    assert!(said.contains("share-at="), "{said}");
+    assert!(
+        shim_mounts.is_empty(),
+        "the host mounted through a planted symlink: {shim_mounts:?}"
+    );
+    assert!(
+        left.is_empty(),
+        "the host made mount points through a planted symlink: {left:?}"
+    );
+    assert_eq!(
+        joined,
+        ["sj1-app", "sj1-app2"],
+        "members could not join the pod"
+    );
+    c.assert_no_leaks();
 }
