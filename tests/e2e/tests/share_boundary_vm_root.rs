@@ -1,21 +1,23 @@
 //! The share's host boundary against a hostile guest (issue 9, points 1
-//! and 2), with real VMs: a container with every capability mounts the
-//! sandbox share itself (`mount -t virtiofs husk-share ...`, as any guest
-//! root can) and attacks the host through it.
+//! and 2), with real VMs: a container with every capability reaches the
+//! sandbox share itself, as any guest root can (below), and attacks the
+//! host through it.
 //!
 //! - It cannot change a host file bound read-only, nor the read-only rootfs
 //!   (CVE-2020-28914 in Kata: only the guest applied `ro`).
 //! - Device nodes and setuid files it plants mean nothing on the host: the
 //!   share's mounts are `nosuid,nodev` in the host's (monitor's) mount table,
 //!   and a planted device node cannot be opened through the share.
-//! - It cannot plant a name in the share's skeleton (where the host makes
-//!   the mount points of a container that joins later): the served share is
-//!   a read-only view. That the host follows no planted name when a member
-//!   joins a pod is tested with real mounts in
-//!   `crates/husk-runtime/tests/share_root.rs` (a guest container here has
-//!   no way into the share's top level when it does not share the guest's
-//!   pid namespace, and `ctr` cannot ask for that: husk drops namespace
-//!   paths).
+//! - It cannot plant a name in the share's skeleton, and a symlink a pod's
+//!   sandbox container tries to plant where the host will make the mount
+//!   points of a member that joins later is not followed: the members join
+//!   and nothing is made or mounted in the directory the link named.
+//!
+//! The guest reaches the share through the agent's own mount
+//! (`/proc/1/root/run/husk/share`: the attacking container shares the
+//! guest's pid namespace and has every capability); it first tries a fresh
+//! `mount -t virtiofs husk-share`, which in this guest kernel mounts but does
+//! not show the sandbox's entries (9p cannot be mounted twice).
 
 use std::ffi::OsStr;
 use std::process::Output;
