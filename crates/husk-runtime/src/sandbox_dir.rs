@@ -3,6 +3,7 @@
 //! the same id is refused; removed on teardown.
 
 use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The default `--root`.
@@ -46,20 +47,37 @@ pub struct SandboxDir {
 }
 
 impl SandboxDir {
-    /// Creates `<root>/<id>`; fails if it exists.
+    /// Creates `<root>/<id>`, mode 0700 whatever the umask (and `root`
+    /// 0700 if it has to be made); fails if it exists.
     pub fn create(root: &Path, id: &str) -> Result<SandboxDir, SandboxDirError> {
         validate_id(id)?;
-        fs::create_dir_all(root).map_err(|source| SandboxDirError::Create {
-            path: root.to_path_buf(),
-            source,
-        })?;
+        if !root.is_dir() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root)
+                .and_then(|()| restrict(root, 0o700))
+                .map_err(|source| SandboxDirError::Create {
+                    path: root.to_path_buf(),
+                    source,
+                })?;
+        }
         let path = root.join(id);
-        match fs::create_dir(&path) {
-            Ok(()) => Ok(SandboxDir {
-                path,
-                removed: false,
-                keep_state: false,
-            }),
+        match fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => {
+                let d = SandboxDir {
+                    path,
+                    removed: false,
+                    keep_state: false,
+                };
+                // The umask may have taken bits away, never added any; but
+                // say the mode outright. A failure drops (removes) `d`.
+                restrict(&d.path, 0o700).map_err(|source| SandboxDirError::Create {
+                    path: d.path.clone(),
+                    source,
+                })?;
+                Ok(d)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 Err(SandboxDirError::InUse {
                     id: id.to_string(),
@@ -89,8 +107,13 @@ impl SandboxDir {
     pub fn hypervisor_log(&self) -> PathBuf {
         self.path.join("qemu.log")
     }
+    /// The share the guest is served (a read-only view of the staging dir).
     pub fn share(&self) -> PathBuf {
         self.path.join("share")
+    }
+    /// The host's side of the share, never served (see `share.rs`).
+    pub fn share_staging(&self) -> PathBuf {
+        self.path.join(SHARE_STAGING)
     }
     pub fn monitor_socket(&self) -> PathBuf {
         self.path.join(MONITOR_SOCKET)
@@ -117,6 +140,19 @@ impl SandboxDir {
         }
     }
 }
+
+/// Sets `path`'s mode to exactly `mode` (not following a final symlink:
+/// the path is first checked to be no symlink, and lives in a dir only the
+/// owner can write).
+pub fn restrict(path: &Path, mode: u32) -> std::io::Result<()> {
+    if fs::symlink_metadata(path)?.file_type().is_symlink() {
+        return Err(std::io::Error::from_raw_os_error(libc::ELOOP));
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+/// Name of the share's staging dir in the sandbox dir.
+pub const SHARE_STAGING: &str = "share.host";
 
 /// Name of the monitor's API socket in the sandbox dir.
 pub const MONITOR_SOCKET: &str = "monitor.sock";
@@ -152,6 +188,7 @@ fn remove_state(dir: &Path) {
 pub fn remove_leftovers(dir: &Path) {
     remove_runtime_files(dir);
     remove_skeleton(&dir.join("share"));
+    remove_skeleton(&dir.join(SHARE_STAGING));
     remove_state(dir);
 }
 
@@ -230,5 +267,31 @@ mod tests {
         );
         assert!(!share.join("c/mounts").exists());
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn state_dirs_are_0700_and_sockets_0600_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+        let root = std::env::temp_dir().join(format!("husk-um-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let d = SandboxDir::create(&root.join("state"), "u");
+        let sock = d
+            .as_ref()
+            .ok()
+            .map(|d| std::os::unix::net::UnixListener::bind(d.monitor_socket()));
+        nix::sys::stat::umask(old);
+        let d = d.unwrap();
+        let _listener = sock.unwrap().unwrap();
+        assert_eq!(mode(&root.join("state")), 0o700, "a root it made");
+        assert_eq!(mode(d.path()), 0o700);
+        restrict(&d.monitor_socket(), 0o600).unwrap();
+        assert_eq!(mode(&d.monitor_socket()), 0o600);
+        // A symlink is never chmod-ed through.
+        std::os::unix::fs::symlink("/etc/passwd", d.path().join("qmp.sock")).unwrap();
+        assert!(restrict(&d.qmp_socket(), 0o600).is_err());
+        drop(d);
+        fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -261,6 +261,11 @@ async fn serve_inner(
             path: sock.clone(),
             source,
         })?;
+        // 0600 whatever the umask (the dir is 0700 too).
+        crate::sandbox_dir::restrict(&sock, 0o600).map_err(|source| MonitorError::Listen {
+            path: sock.clone(),
+            source,
+        })?;
         Ok::<_, MonitorError>((host, listener))
     }
     .await;

@@ -28,7 +28,7 @@ pub async fn boot(
     id: &str,
     agent_log: &str,
 ) -> Result<Parts, SandboxError> {
-    let share = Share::create(&dir.share())?;
+    let share = Share::create(&dir.share_staging(), &dir.share())?;
     let choice = accel::choose(cfg.hypervisor.accel, probe);
     if let Some(n) = &choice.notice {
         // Quiet by default, like runc; `husk check` always shows it.
@@ -80,6 +80,15 @@ pub async fn boot(
         .launch(&spec)
         .instrument(tracing::info_span!(target: TIMING, "vm_start"))
         .await?;
+    // The sockets QEMU and virtiofsd made: 0600 whatever the umask.
+    for sock in [dir.agent_socket(), dir.qmp_socket(), dir.virtiofsd_socket()] {
+        match crate::sandbox_dir::restrict(&sock, 0o600) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(path = %sock.display(), error = %e, "cannot restrict socket")
+            }
+            _ => {}
+        }
+    }
     let ready = tracing::info_span!(target: TIMING, "agent_ready");
     let conn = TtrpcConn::connect(&dir.agent_socket())
         .instrument(ready.clone())
@@ -109,72 +118,11 @@ pub async fn boot(
     Ok(Parts {
         vm,
         agent,
-        share: Box::new(TrackedShare {
-            share,
-            binds: Default::default(),
-        }),
+        share: Box::new(share),
         dir,
         info,
         shared_fs: shared_fs.driver(),
     })
-}
-
-/// The share with each container's binds tracked.
-// TODO(merge): Share itself tracks binds per container (share-harden).
-struct TrackedShare {
-    share: Share,
-    binds: std::collections::HashMap<String, Vec<std::path::PathBuf>>,
-}
-
-impl super::ShareBinds for TrackedShare {
-    fn bind_container(
-        &mut self,
-        cid: &str,
-        binds: &[crate::translate::ShareBind],
-    ) -> Result<(), crate::share::ShareError> {
-        let mut done: Vec<std::path::PathBuf> = Vec::new();
-        for b in binds {
-            if let Err(e) = self.share.bind(b) {
-                for t in done.iter().rev() {
-                    let _ = unbind(t);
-                }
-                return Err(e);
-            }
-            done.push(self.share.dir().join(&b.share_path));
-        }
-        self.binds.insert(cid.to_string(), done);
-        Ok(())
-    }
-
-    fn unbind_container(&mut self, cid: &str) -> Result<(), crate::share::ShareError> {
-        for t in self.binds.remove(cid).unwrap_or_default().iter().rev() {
-            if let Err(errno) = unbind(t) {
-                return Err(crate::share::ShareError::Bind {
-                    source_path: t.clone(),
-                    errno,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    fn teardown(&mut self) {
-        self.share.teardown();
-    }
-}
-
-/// Detaches the bind at `target` and leaves an empty self-bind of the mount
-/// point, which the share's teardown still finds to unmount.
-fn unbind(target: &std::path::Path) -> Result<(), nix::Error> {
-    use nix::mount::{mount, umount2, MntFlags, MsFlags};
-    umount2(target, MntFlags::MNT_DETACH)?;
-    mount(
-        Some(target),
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
 }
 
 impl super::Sandbox {

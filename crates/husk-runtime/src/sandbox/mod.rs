@@ -59,6 +59,8 @@ pub enum SandboxError {
     #[error(transparent)]
     Share(#[from] ShareError),
     #[error(transparent)]
+    Translate(#[from] crate::translate::TranslateError),
+    #[error(transparent)]
     Hypervisor(#[from] husk_hypervisor::HypervisorError),
     #[error(transparent)]
     Agent(#[from] AgentError),
@@ -470,7 +472,7 @@ impl Sandbox {
         stdio: Stdio,
         hooks: &Hooks,
     ) -> Result<(), SandboxError> {
-        let guest = translate::guest_spec(&bundle.spec, cid, &bundle.dir, &bundle.rootfs);
+        let guest = translate::guest_spec(&bundle.spec, cid, &bundle.dir, &bundle.rootfs)?;
         self.share
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -131,11 +131,35 @@ impl Target {
     }
 }
 
-/// Writes `pid` to `path` atomically (runc's --pid-file).
+/// Writes `pid` to `path` atomically (runc's --pid-file), following no
+/// symlink: the temporary file is created exclusively with `O_NOFOLLOW`, and
+/// `rename` replaces `path` itself (a symlink there is replaced, not
+/// followed).
 pub fn write_pid_file(path: &Path, pid: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("husk-tmp");
-    std::fs::write(&tmp, pid.to_string())
+    let open = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+    };
+    let mut f = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // A stale temporary (or a planted name): unlink never follows.
+            std::fs::remove_file(&tmp)
+                .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
+            open()
+        }
+        r => r,
+    }
+    .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(pid.to_string().as_bytes())
         .with_context(|| format!("cannot write {}", tmp.display()))?;
+    drop(f);
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
@@ -175,5 +199,29 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("NOPE"));
+    }
+
+    #[test]
+    fn pid_file_follows_no_symlink() {
+        let d = std::env::temp_dir().join(format!("husk-pid-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let victim = d.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let pid = d.join("pid");
+        // Planted at the temporary name and at the pid file itself.
+        std::os::unix::fs::symlink(&victim, d.join("pid.husk-tmp")).unwrap();
+        write_pid_file(&pid, 42).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(std::fs::read_to_string(&pid).unwrap(), "42");
+        std::fs::remove_file(&pid).unwrap();
+        std::os::unix::fs::symlink(&victim, &pid).unwrap();
+        write_pid_file(&pid, 43).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(!std::fs::symlink_metadata(&pid)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }
