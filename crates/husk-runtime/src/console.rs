@@ -84,20 +84,9 @@ pub fn is_terminal(fd: BorrowedFd<'_>) -> bool {
     termios::tcgetattr(fd).is_ok()
 }
 
-nix::ioctl_read_bad!(tiocgwinsz, libc::TIOCGWINSZ, libc::winsize);
-
 /// The size (rows, columns) of the terminal `fd`, if it is one.
 pub fn window_size(fd: BorrowedFd<'_>) -> Option<(u16, u16)> {
-    let mut ws = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct we own; the
-    // descriptor is borrowed and stays open for the call.
-    unsafe { tiocgwinsz(fd.as_raw_fd(), &mut ws) }.ok()?;
-    (ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
+    husk_sys::window_size(fd)
 }
 
 #[cfg(test)]

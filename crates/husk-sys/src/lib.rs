@@ -1,7 +1,10 @@
-//! The host's only `unsafe` fence: thin wrappers of the Linux syscalls the
-//! host side of husk needs and neither the standard library nor `nix`
-//! wraps — `openat2(2)`, `open_tree(2)`, `move_mount(2)` and
-//! `mount_setattr(2)` (Linux 5.12 or later).
+//! The host's `unsafe` fence (with the hypervisor crate's process spawner):
+//! thin wrappers of the Linux calls the host side of husk needs and neither
+//! the standard library nor `nix` wraps safely — `openat2(2)`,
+//! `open_tree(2)`, `move_mount(2)` and `mount_setattr(2)` (Linux 5.12 or
+//! later) — and the few places where a descriptor or a process is taken
+//! over: descriptors received with `SCM_RIGHTS` or inherited by number, a
+//! terminal's size, a pre-exec hook, a fork.
 //!
 //! Each wrapper takes borrowed descriptors and C strings, returns an
 //! [`OwnedFd`] or `io::Result<()>`, and holds exactly one `unsafe` block whose
@@ -162,6 +165,130 @@ pub fn mount_setattr(
     unit_or_err(r)
 }
 
+/// Receives into `buf` from the socket `sock` (one `recvmsg(2)`, no
+/// waiting beyond the socket's own mode), taking ownership of up to 8
+/// descriptors that ride along as `SCM_RIGHTS` (close-on-exec). Returns the
+/// bytes read (0 at end of stream) and the descriptors.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    const MAX_FDS: usize = 8;
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) };
+    let mut control = vec![0u8; space as usize];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len();
+    // SAFETY: `msg` points at `iov` (into `buf`) and `control`, which live
+    // across the call and are as large as the header says.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel just
+    // filled, within `msg_controllen`; each SCM_RIGHTS payload is an array
+    // of descriptors the kernel installed in this process for us alone, so
+    // each is owned exactly once here.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("more than {MAX_FDS} descriptors sent at once"),
+        ));
+    }
+    Ok((n as usize, fds))
+}
+
+/// Takes over descriptor `fd`, inherited from the process that started this
+/// one and named on its command line (`--ready-fd N`), after checking it is
+/// open; it is made close-on-exec. Call it once per descriptor, at start-up,
+/// before anything else could have opened or claimed that number.
+pub fn claim_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_SETFD on a number only fails (EBADF) if it is not open.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open, and by this function's contract was
+    // handed to this process alone and is claimed only here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The size (rows, columns) of the terminal `fd`, if it is one.
+pub fn window_size(fd: BorrowedFd<'_>) -> Option<(u16, u16)> {
+    // SAFETY: an all-zero winsize is valid; TIOCGWINSZ writes one `winsize`
+    // into it while the borrowed descriptor stays open.
+    let (r, ws) = unsafe {
+        let mut ws: libc::winsize = std::mem::zeroed();
+        let r = libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws);
+        (r, ws)
+    };
+    (r == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// Makes `cmd`'s child keep descriptor `fd` across exec (clears its
+/// close-on-exec flag) and start a new session before it execs.
+pub fn keep_fd_and_setsid(cmd: &mut std::process::Command, fd: RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the forked child before exec and makes only
+    // async-signal-safe calls (fcntl, setsid); it touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 || libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Which side of [`fork_single_threaded`] this is.
+pub enum Forked {
+    Parent { child: u32 },
+    Child,
+}
+
+/// `fork(2)`, refused unless this process has exactly one thread (so the
+/// child may run any code: no lock can be held by a thread that is not
+/// copied).
+pub fn fork_single_threaded() -> io::Result<Forked> {
+    let threads = std::fs::read_to_string("/proc/self/status")?
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse::<u32>().ok());
+    if threads != Some(1) {
+        return Err(io::Error::other(format!(
+            "cannot fork a process with {} threads",
+            threads.map_or("an unknown number of".to_string(), |n| n.to_string())
+        )));
+    }
+    // SAFETY: the process has one thread (checked above, and nothing here
+    // starts one in between), so the child inherits no lock another thread
+    // holds.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent { child: pid as u32 }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,5 +310,62 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(libc::EXDEV));
         std::fs::remove_file(d.join("link")).unwrap();
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn descriptors_sent_along_are_received_and_owned() {
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let fd = file.as_raw_fd();
+        let data = [7u8; 4];
+        let fds = [fd];
+        // SAFETY: builds one SCM_RIGHTS message in buffers that outlive the
+        // sendmsg call, as the CMSG_* macros lay it out.
+        unsafe {
+            let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+            let mut control = vec![0u8; space];
+            let mut iov = libc::iovec {
+                iov_base: data.as_ptr() as *mut _,
+                iov_len: 4,
+            };
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+            libc::CMSG_DATA(c).cast::<RawFd>().write_unaligned(fds[0]);
+            assert_eq!(libc::sendmsg(a.as_raw_fd(), &msg, 0), 4);
+        }
+        let mut buf = [0u8; 4];
+        let (n, got) = recv_with_fds(b.as_fd(), &mut buf).unwrap();
+        assert_eq!((n, buf, got.len()), (4, data, 1));
+        assert_ne!(got[0].as_raw_fd(), fd, "a new descriptor of our own");
+        (&a).write_all(b"x").unwrap();
+        let (n, got) = recv_with_fds(b.as_fd(), &mut buf).unwrap();
+        assert_eq!((n, got.len()), (1, 0));
+    }
+
+    #[test]
+    fn a_closed_number_is_not_claimed() {
+        assert!(claim_inherited_fd(987_654).is_err());
+    }
+
+    #[test]
+    fn a_pipe_is_not_a_terminal() {
+        use std::os::fd::AsFd;
+        let (r, _w) = std::io::pipe().unwrap();
+        assert_eq!(window_size(r.as_fd()), None);
+    }
+
+    #[test]
+    fn a_threaded_process_is_not_forked() {
+        // The test harness runs tests on threads of its own.
+        assert!(fork_single_threaded().is_err());
     }
 }

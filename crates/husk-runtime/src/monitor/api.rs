@@ -6,12 +6,12 @@
 //! request's length bytes. A reply is one frame; `Exec` gets two: `Ok` once
 //! the process runs, then `Exit` when it ends.
 
-use std::io::{IoSlice, IoSliceMut, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::PathBuf;
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use oci_spec::runtime::{LinuxResources, Process};
 use serde::{Deserialize, Serialize};
 
@@ -169,33 +169,13 @@ pub async fn read_request(stream: &mut UnixStream) -> Result<(Request, Vec<Owned
     while got == 0 {
         stream.readable().await?;
         let r = stream.try_io(tokio::io::Interest::READABLE, || {
-            let mut cmsg = nix::cmsg_space!([RawFd; 8]);
-            let mut iov = [IoSliceMut::new(&mut len)];
-            let msg = recvmsg::<()>(
-                stream.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            )
-            .map_err(std::io::Error::from)?;
-            let mut raw = Vec::new();
-            for c in msg.cmsgs().map_err(std::io::Error::from)? {
-                if let ControlMessageOwned::ScmRights(list) = c {
-                    raw.extend(list);
-                }
-            }
-            Ok((msg.bytes, raw))
+            husk_sys::recv_with_fds(stream.as_fd(), &mut len)
         });
         match r {
             Ok((0, _)) => return Err(ApiError::Closed),
-            Ok((n, raw)) => {
+            Ok((n, received)) => {
                 got = n;
-                // SAFETY: SCM_RIGHTS just installed these descriptors in this
-                // process; nothing else owns them.
-                fds.extend(
-                    raw.into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
+                fds.extend(received);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e.into()),

@@ -31,16 +31,8 @@ pub fn spawn_monitor(exe: &Path, args: Vec<OsString>) -> Result<u32, MonitorErro
     let wfd = w.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.args(args).arg("--ready-fd").arg(wfd.to_string());
-    // SAFETY: runs in the forked child before exec; only async-signal-safe
-    // calls (fcntl to let the pipe's write end survive exec, setsid).
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            if libc::fcntl(wfd, libc::F_SETFD, 0) < 0 || libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // The pipe's write end survives exec; the monitor leads a new session.
+    husk_sys::keep_fd_and_setsid(&mut cmd, wfd);
     let child = cmd.spawn().map_err(MonitorError::Spawn)?;
     drop(w);
     let mut msg = String::new();
@@ -63,20 +55,8 @@ pub fn spawn_monitor(exe: &Path, args: Vec<OsString>) -> Result<u32, MonitorErro
 
 /// Takes ownership of the ready pipe named by `--ready-fd`.
 pub fn take_ready_fd(fd: i32) -> Result<std::os::fd::OwnedFd, MonitorError> {
-    // Check that the descriptor is open, and keep it from leaking into the
-    // VM's processes (a held write end would keep `husk create` waiting).
-    if nix::fcntl::fcntl(
-        // SAFETY: the borrow only lives for this F_SETFD call.
-        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .is_err()
-    {
-        return Err(MonitorError::Failed(format!(
-            "--ready-fd {fd} is not an open descriptor"
-        )));
-    }
-    // SAFETY: the spawner passed this descriptor to us alone, and nothing
-    // else in this process refers to it.
-    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+    // Open, and kept from leaking into the VM's processes (a held write
+    // end would keep `husk create` waiting).
+    husk_sys::claim_inherited_fd(fd)
+        .map_err(|_| MonitorError::Failed(format!("--ready-fd {fd} is not an open descriptor")))
 }

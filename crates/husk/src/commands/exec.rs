@@ -159,16 +159,15 @@ pub fn exec(g: &GlobalOpts, a: ExecArgs) -> anyhow::Result<u8> {
     if a.detach {
         // The pid in --pid-file must live as long as the process and exit
         // with its status: a child of ours that waits for the Exit reply.
-        // SAFETY: this process is single-threaded here (no thread has been
-        // started), so the child may run arbitrary code after fork.
-        match unsafe { nix::unistd::fork() }.context("cannot fork")? {
-            nix::unistd::ForkResult::Parent { child } => {
+        // No thread has been started yet, so the child may run any code.
+        match husk_sys::fork_single_threaded().context("cannot fork")? {
+            husk_sys::Forked::Parent { child } => {
                 if let Some(p) = &a.pid_file {
-                    super::write_pid_file(p, child.as_raw() as u32)?;
+                    super::write_pid_file(p, child)?;
                 }
                 return Ok(0);
             }
-            nix::unistd::ForkResult::Child => {
+            husk_sys::Forked::Child => {
                 let code = client.wait_exit().map(|s| s.clamp(0, 255)).unwrap_or(255);
                 std::process::exit(code);
             }
