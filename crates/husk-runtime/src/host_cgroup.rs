@@ -208,7 +208,7 @@ pub fn parse_cgroups_path(path: &str, id: &str) -> Result<PathBuf, HostCgroupErr
     }
     let parts: Vec<&str> = path.split(':').collect();
     if parts.len() == 3
-        && (parts[0].is_empty() || parts[0].ends_with(".slice") && !parts[0].contains('/'))
+        && (parts[0].is_empty() || (parts[0].ends_with(".slice") && !parts[0].contains('/')))
     {
         return systemd_path(parts[0], parts[1], parts[2]).map_err(|r| bad(&r));
     }
