@@ -487,6 +487,17 @@ impl HostCgroup {
         let cgroup = parse_cgroups_path(cgroups_path, id)?;
         let mounts = choose_mounts(&parse_mountinfo(&read(Path::new("/proc/self/mountinfo"))?))?;
         let proc_cgroup = read(Path::new("/proc/self/cgroup"))?;
+        Self::create_in(&mounts, &proc_cgroup, &cgroup, limits)
+    }
+
+    /// [`HostCgroup::create`] in the hierarchies `mounts`, the caller's
+    /// cgroups being `proc_cgroup` (a `/proc/self/cgroup`).
+    fn create_in(
+        mounts: &[Mount],
+        proc_cgroup: &str,
+        cgroup: &Path,
+        limits: &Limits,
+    ) -> Result<HostCgroup, HostCgroupError> {
         let v2 = mounts.iter().any(|m| m.v2);
         let has = |c: &str| mounts.iter().any(|m| m.controllers.iter().any(|x| x == c));
         if !v2 {
@@ -508,9 +519,9 @@ impl HostCgroup {
             hierarchies: Vec::new(),
             v2,
         };
-        for m in &mounts {
-            let rel = resolve(m, &cgroup, &proc_cgroup);
-            let origin = own_cgroup(m, &proc_cgroup).unwrap_or_else(|| PathBuf::from("/"));
+        for m in mounts {
+            let rel = resolve(m, cgroup, proc_cgroup);
+            let origin = own_cgroup(m, proc_cgroup).unwrap_or_else(|| PathBuf::from("/"));
             let origin = m.point.join(origin.strip_prefix("/").unwrap_or(&origin));
             let dir = cg.make_dirs(m, &rel, origin, limits)?;
             cg.hierarchies.push(dir);
@@ -862,6 +873,64 @@ mod tests {
             choose_mounts(&[]),
             Err(HostCgroupError::NoCgroupFs)
         ));
+    }
+
+    /// cgroup v2 code on a v1 host: the hybrid layout's controller-less v2
+    /// mount, without limits (it offers no controllers to limit with).
+    #[cfg(feature = "root-tests")]
+    #[test]
+    fn v2_without_controllers_on_this_host() {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let Some(m) = parse_mountinfo(&text).into_iter().find(|m| m.v2) else {
+            return;
+        };
+        let proc_cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let name = format!("husk-test-{}-v2", std::process::id());
+        let top = m.point.join(&name);
+        let cgroup = PathBuf::from(format!("/{name}/sb"));
+        let none = Limits {
+            memory_bytes: None,
+            cpu_quota_us: None,
+            cpu_period_us: DEFAULT_CPU_PERIOD_US,
+            pids: None,
+        };
+        let mounts = [m.clone()];
+        // A limit needs a controller the mount does not offer: refused, nothing left.
+        let offered = std::fs::read_to_string(m.point.join("cgroup.controllers")).unwrap();
+        if !offered.contains("memory") {
+            let e =
+                HostCgroup::create_in(&mounts, &proc_cgroup, &cgroup, &Limits::for_vm(64, 1, 0))
+                    .unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    HostCgroupError::MissingController {
+                        controller: "memory",
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            assert!(!top.exists());
+        }
+        let mut cg = HostCgroup::create_in(&mounts, &proc_cgroup, &cgroup, &none).unwrap();
+        assert!(cg.is_v2());
+        assert_eq!(cg.paths(), [top.join("sb")]);
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        cg.add(child.id()).unwrap();
+        let in_proc = std::fs::read_to_string(format!("/proc/{}/cgroup", child.id())).unwrap();
+        assert!(
+            in_proc.lines().any(|l| l == format!("0::/{name}/sb")),
+            "{in_proc}"
+        );
+        assert!(matches!(cg.remove(), Err(HostCgroupError::NotEmpty { .. })));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        cg.remove().unwrap();
+        assert!(!top.exists());
     }
 
     #[test]
