@@ -8,6 +8,7 @@ pub mod check;
 pub mod config;
 pub mod console;
 pub mod hooks;
+pub mod host_cgroup;
 pub mod monitor;
 pub mod mountns;
 pub mod pod;
