@@ -38,12 +38,26 @@ pub struct Config {
     pub limits: LimitsConfig,
 }
 
-/// The largest VM any spec or annotation may ask for (0: the host's).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+/// The largest VM any spec or annotation may ask for (0: the host's), and
+/// what the host cgroup allows beyond the VM's size.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     pub max_vcpus: u32,
     pub max_memory_mib: u32,
+    /// Host memory for QEMU itself (TCG's translation cache included),
+    /// virtiofsd and the monitor or shim, on top of the guest's RAM.
+    pub host_overhead_mib: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_vcpus: 0,
+            max_memory_mib: 0,
+            host_overhead_mib: 384,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -14,6 +14,7 @@ use husk_protocol::{AGENT_PORT_NAME, KERNEL_LOG_PARAM, KERNEL_SHARE_PARAM, SHARE
 use super::{console_tail, Parts, SandboxError};
 use crate::agent::{AgentClient, TtrpcConn};
 use crate::config::{Config, SharedFsKind};
+use crate::host_cgroup::{HostCgroup, Limits};
 use crate::sandbox_dir::SandboxDir;
 use crate::share::Share;
 use crate::timing::TIMING;
@@ -122,6 +123,7 @@ pub async fn boot(
         dir,
         info,
         shared_fs: shared_fs.driver(),
+        host_cgroup: None,
     })
 }
 
@@ -168,12 +170,53 @@ impl super::Sandbox {
         };
         // A failed save leaves `dir` to its Drop, which removes it.
         record.save(dir.path())?;
-        let parts = boot(&sized, hv, probe, dir, id, agent_log).await?;
+        // QEMU and virtiofsd are started by this process, so they start
+        // in its cgroup: join the sandbox's before booting.
+        let host_cgroup = join_host_cgroup(&sized, owner, id)?;
+        let mut parts = boot(&sized, hv, probe, dir, id, agent_log).await?;
+        parts.host_cgroup = host_cgroup;
         tracing::info!(
             vcpus = sized.hypervisor.vcpus,
             memory_mib = sized.hypervisor.memory_mib,
             "sandbox booted"
         );
         Ok(super::Sandbox::new(parts, record, host_pid))
+    }
+}
+
+/// Makes the sandbox's host cgroup (`linux.cgroupsPath` of its owner, or
+/// one named after it below this process's own), limited to the VM's size
+/// plus `limits.host_overhead_mib`, and moves this process into it. A
+/// cgroup the spec names must work; without one, a failure is logged and
+/// the sandbox runs where this process does.
+fn join_host_cgroup(
+    sized: &Config,
+    owner: &crate::bundle::Bundle,
+    id: &str,
+) -> Result<Option<HostCgroup>, SandboxError> {
+    let asked = owner
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().clone())
+        .map(|p| p.to_string_lossy().into_owned())
+        .filter(|p| !p.is_empty());
+    let limits = Limits::for_vm(
+        sized.hypervisor.memory_mib,
+        sized.hypervisor.vcpus,
+        sized.limits.host_overhead_mib,
+    );
+    let joined = HostCgroup::create(asked.as_deref().unwrap_or(""), id, &limits)
+        .and_then(|cg| cg.add(std::process::id()).map(|()| cg));
+    match (joined, asked) {
+        (Ok(cg), _) => Ok(Some(cg)),
+        (Err(e), Some(_)) => Err(e.into()),
+        (Err(e), None) => {
+            tracing::warn!(
+                "the sandbox runs without a host cgroup of its own: {}",
+                crate::monitor::error_chain(&e)
+            );
+            Ok(None)
+        }
     }
 }

@@ -166,6 +166,7 @@ pub fn sandbox_in(dir: SandboxDir, id: &str, bundle: &std::path::Path) -> FakeSa
             kernel_release: "6.1.0-fake".into(),
         },
         shared_fs: "virtiofs",
+        host_cgroup: None,
     };
     FakeSandbox {
         sandbox: super::Sandbox::new(parts, record, super::HostPid::Owner),

@@ -67,6 +67,8 @@ pub enum SandboxError {
     #[error(transparent)]
     Hook(#[from] HookError),
     #[error(transparent)]
+    HostCgroup(#[from] crate::host_cgroup::HostCgroupError),
+    #[error(transparent)]
     State(#[from] crate::state::StateError),
     #[error("virtiofsd not found: install it with `cargo install virtiofsd` (make setup), set shared_fs.virtiofsd, or set shared_fs.kind = \"9p\"")]
     NoVirtiofsd,
@@ -130,6 +132,8 @@ pub struct Parts {
     pub info: AgentInfo,
     /// The guest driver of the share ("virtiofs" or "9p").
     pub shared_fs: &'static str,
+    /// The host cgroup QEMU, virtiofsd and this process run in.
+    pub host_cgroup: Option<crate::host_cgroup::HostCgroup>,
 }
 
 /// Something that happened to a container, for the front ends (the shim
@@ -204,6 +208,7 @@ pub struct Sandbox {
     torn_down: watch::Sender<u8>,
     /// The owner is being deleted through the lifecycle (not ending on its own).
     deleting: watch::Sender<bool>,
+    host_cgroup: Mutex<Option<crate::host_cgroup::HostCgroup>>,
 }
 
 impl Sandbox {
@@ -231,6 +236,7 @@ impl Sandbox {
             events: broadcast::channel(256).0,
             torn_down: watch::channel(0).0,
             deleting: watch::channel(false).0,
+            host_cgroup: Mutex::new(parts.host_cgroup),
         });
         sandbox.save_record();
         tokio::spawn(watch_vm(Arc::downgrade(&sandbox), sandbox.vm.exit()));
@@ -934,6 +940,20 @@ impl Sandbox {
                 d.keep_state();
             }
             d.remove();
+        }
+        let cgroup = self
+            .host_cgroup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut cgroup) = cgroup {
+            // Waits (briefly) for the VM's processes to leave it.
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = cgroup.remove() {
+                    tracing::warn!("{}", crate::monitor::error_chain(&e));
+                }
+            })
+            .await;
         }
         self.torn_down.send_replace(2);
     }
