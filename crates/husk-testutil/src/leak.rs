@@ -135,7 +135,6 @@ struct Scope {
     config: LeakConfig,
     needles: Vec<String>,
     owned: Vec<PathBuf>,
-    ignored: Vec<u32>,
     before_procs: BTreeSet<(u32, u64)>,
     before_mounts: BTreeSet<String>,
     before_taps: BTreeSet<String>,
@@ -167,6 +166,13 @@ impl LeakGuard {
         LeakGuard::with_config(LeakConfig::host())
     }
 
+    /// A guard on the real host named `test` (a suite with its own runner).
+    pub fn named(test: &str) -> LeakGuard {
+        let g = LeakGuard::new();
+        g.scope.borrow_mut().test = test.to_string();
+        g
+    }
+
     pub fn with_config(config: LeakConfig) -> LeakGuard {
         let test = std::thread::current()
             .name()
@@ -184,7 +190,6 @@ impl LeakGuard {
             config,
             needles: Vec::new(),
             owned: Vec::new(),
-            ignored: Vec::new(),
         };
         let scope = Rc::new(RefCell::new(scope));
         CURRENT.with(|c| c.borrow_mut().push(scope.clone()));
@@ -206,21 +211,28 @@ impl LeakGuard {
         self.scope.borrow_mut().owned.push(dir.to_path_buf());
     }
 
-    /// Never counts `pid` (a daemon the test stops itself, later).
-    pub fn ignore_pid(&self, pid: u32) {
-        self.scope.borrow_mut().ignored.push(pid);
+    /// How long leftovers may take to go at drop (default: the config's).
+    pub fn with_grace(self, grace: Duration) -> LeakGuard {
+        self.scope.borrow_mut().config.grace = grace;
+        self
     }
 
     /// What is left right now.
     pub fn leaks(&self) -> Leaks {
-        self.scope.borrow().leaks()
+        self.scope.borrow().leaks(&[])
     }
 
     /// Waits up to `grace` for leftovers to go; `Err` with what is left.
     pub fn check(&self, grace: Duration) -> Result<(), Leaks> {
+        self.check_except(grace, &[])
+    }
+
+    /// [`check`](Self::check), not counting `pids` (a daemon the test
+    /// still runs and stops itself later, e.g. its containerd).
+    pub fn check_except(&self, grace: Duration, pids: &[u32]) -> Result<(), Leaks> {
         let deadline = Instant::now() + grace;
         loop {
-            let leaks = self.leaks();
+            let leaks = self.scope.borrow().leaks(pids);
             if leaks.is_empty() {
                 return Ok(());
             }
@@ -285,11 +297,6 @@ pub fn own(dir: &Path) {
     with_current(|g| g.own(dir));
 }
 
-/// Never counts `pid` in this test's innermost guard.
-pub fn ignore_pid(pid: u32) {
-    with_current(|g| g.ignore_pid(pid));
-}
-
 /// Fails unless this test has a guard: helpers that start VMs call it, so
 /// no test can forget its guard.
 #[track_caller]
@@ -305,8 +312,17 @@ pub fn require_guard() {
 /// nothing left within `grace`.
 #[track_caller]
 pub fn assert_clean(grace: Duration) {
+    assert_clean_except(grace, &[]);
+}
+
+/// [`assert_clean`], not counting `pids` (daemons the test stops later).
+#[track_caller]
+pub fn assert_clean_except(grace: Duration, pids: &[u32]) {
     require_guard();
-    with_current(|g| g.assert_clean(grace));
+    let r = with_current(|g| g.check_except(grace, pids)).unwrap();
+    if let Err(leaks) = r {
+        panic!("{leaks}");
+    }
 }
 
 impl Scope {
@@ -321,15 +337,18 @@ impl Scope {
         })
     }
 
-    fn leaks(&self) -> Leaks {
+    fn leaks(&self, except: &[u32]) -> Leaks {
         let c = &self.config;
         let me = std::process::id();
         let processes = processes(&c.proc_dir)
             .into_iter()
             .filter(|(id, p)| {
-                id.0 != me && !self.ignored.contains(&id.0) && !self.before_procs.contains(id) && {
+                id.0 != me && !except.contains(&id.0) && !self.before_procs.contains(id) && {
                     self.names_needle(&p.cmdline)
-                        || (c.process_names.iter().any(|n| p.name.starts_with(n.as_str()))
+                        || (c
+                            .process_names
+                            .iter()
+                            .any(|n| p.name.starts_with(n.as_str()))
                             && refs(&c.proc_dir, p.pid)
                                 .iter()
                                 .any(|r| self.names_needle(r)))
@@ -408,7 +427,11 @@ fn refs(proc_dir: &Path, pid: u32) -> Vec<String> {
         .into_iter()
         .map(|p| p.to_string_lossy().into_owned())
         .collect();
-    for e in std::fs::read_dir(base.join("fd")).into_iter().flatten().flatten() {
+    for e in std::fs::read_dir(base.join("fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if let Ok(t) = std::fs::read_link(e.path()) {
             out.push(t.to_string_lossy().into_owned());
         }
@@ -466,7 +489,11 @@ mod tests {
         for d in ["net", "run"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
         }
-        std::fs::write(dir.join("mountinfo"), "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n").unwrap();
+        std::fs::write(
+            dir.join("mountinfo"),
+            "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n",
+        )
+        .unwrap();
         LeakConfig {
             mountinfo: dir.join("mountinfo"),
             net_dir: dir.join("net"),
