@@ -340,8 +340,8 @@ async fn root_ps_and_signal_all_with_cgroups() {
     process["user"] = json!({"uid": 1234, "gid": 1234});
     agent.exec("ps", "ex", &process).await.unwrap();
     support::wait_until(
-        "both sleeps to run",
         std::time::Duration::from_secs(10),
+        "both sleeps to run",
         || {
             std::fs::read_to_string(cgroups.0.join("ps/cgroup.procs"))
                 .map(|t| t.lines().count() == 4)

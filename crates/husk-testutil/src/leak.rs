@@ -29,7 +29,7 @@ use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 /// The runtime's state root when `--root` is not given
@@ -144,7 +144,7 @@ struct Scope {
 thread_local! {
     /// The guards alive on this thread (libtest runs each test on its own
     /// thread), innermost last.
-    static CURRENT: RefCell<Vec<Rc<RefCell<Scope>>>> = const { RefCell::new(Vec::new()) };
+    static CURRENT: RefCell<Vec<Weak<Mutex<Scope>>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Fails a test that leaves processes, mounts, tap devices or state
@@ -156,7 +156,20 @@ thread_local! {
 /// let dir = husk_testutil::TempDir::new("x"); // watched by the guard
 /// ```
 pub struct LeakGuard {
-    scope: Rc<RefCell<Scope>>,
+    scope: LeakScope,
+}
+
+/// What a [`LeakGuard`] watches; its methods are reached through the guard
+/// (or, for the test's innermost guard, the free functions of this module).
+pub struct LeakScope {
+    scope: Arc<Mutex<Scope>>,
+}
+
+impl std::ops::Deref for LeakGuard {
+    type Target = LeakScope;
+    fn deref(&self) -> &LeakScope {
+        &self.scope
+    }
 }
 
 impl LeakGuard {
@@ -169,8 +182,14 @@ impl LeakGuard {
     /// A guard on the real host named `test` (a suite with its own runner).
     pub fn named(test: &str) -> LeakGuard {
         let g = LeakGuard::new();
-        g.scope.borrow_mut().test = test.to_string();
+        g.lock().test = test.to_string();
         g
+    }
+
+    /// How long leftovers may take to go at drop (default: the config's).
+    pub fn with_grace(self, grace: Duration) -> LeakGuard {
+        self.lock().config.grace = grace;
+        self
     }
 
     pub fn with_config(config: LeakConfig) -> LeakGuard {
@@ -191,9 +210,18 @@ impl LeakGuard {
             needles: Vec::new(),
             owned: Vec::new(),
         };
-        let scope = Rc::new(RefCell::new(scope));
-        CURRENT.with(|c| c.borrow_mut().push(scope.clone()));
-        LeakGuard { scope }
+        let scope = Arc::new(Mutex::new(scope));
+        CURRENT.with(|c| c.borrow_mut().push(Arc::downgrade(&scope)));
+        LeakGuard {
+            scope: LeakScope { scope },
+        }
+    }
+}
+
+impl LeakScope {
+    fn lock(&self) -> MutexGuard<'_, Scope> {
+        // A test that panicked half-way still gets its leak report.
+        self.scope.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Watches `needle` (a unique path or id of this test).
@@ -203,23 +231,17 @@ impl LeakGuard {
             needle.len() >= 6,
             "leak needle {needle:?} is too short to be unique to one test"
         );
-        self.scope.borrow_mut().needles.push(needle);
+        self.lock().needles.push(needle);
     }
 
     /// Marks `dir` as the test's own: any entry or mount below it is a leak.
     pub fn own(&self, dir: &Path) {
-        self.scope.borrow_mut().owned.push(dir.to_path_buf());
-    }
-
-    /// How long leftovers may take to go at drop (default: the config's).
-    pub fn with_grace(self, grace: Duration) -> LeakGuard {
-        self.scope.borrow_mut().config.grace = grace;
-        self
+        self.lock().owned.push(dir.to_path_buf());
     }
 
     /// What is left right now.
     pub fn leaks(&self) -> Leaks {
-        self.scope.borrow().leaks(&[])
+        self.lock().leaks(&[])
     }
 
     /// Waits up to `grace` for leftovers to go; `Err` with what is left.
@@ -232,7 +254,7 @@ impl LeakGuard {
     pub fn check_except(&self, grace: Duration, pids: &[u32]) -> Result<(), Leaks> {
         let deadline = Instant::now() + grace;
         loop {
-            let leaks = self.scope.borrow().leaks(pids);
+            let leaks = self.lock().leaks(pids);
             if leaks.is_empty() {
                 return Ok(());
             }
@@ -260,7 +282,13 @@ impl Default for LeakGuard {
 
 impl Drop for LeakGuard {
     fn drop(&mut self) {
-        CURRENT.with(|c| c.borrow_mut().retain(|s| !Rc::ptr_eq(s, &self.scope)));
+        // (A guard moved to another thread and dropped there leaves a dead
+        // entry on its first thread: skipped by `with_current`.)
+        let me = Arc::downgrade(&self.scope.scope);
+        CURRENT.with(|c| {
+            c.borrow_mut()
+                .retain(|s| !s.ptr_eq(&me) && s.strong_count() > 0)
+        });
         if std::thread::panicking() {
             // The test already failed: say what it left, do not panic again
             // (a panic in a drop while unwinding aborts the whole run).
@@ -270,20 +298,16 @@ impl Drop for LeakGuard {
             }
             return;
         }
-        let grace = self.scope.borrow().config.grace;
+        let grace = self.lock().config.grace;
         if let Err(leaks) = self.check(grace) {
             panic!("{leaks}");
         }
     }
 }
 
-fn with_current<T>(f: impl FnOnce(&LeakGuard) -> T) -> Option<T> {
-    let scope = CURRENT.with(|c| c.borrow().last().cloned())?;
-    let guard = LeakGuard { scope };
-    let out = f(&guard);
-    // Not a real guard: do not run the drop check.
-    std::mem::forget(guard);
-    Some(out)
+fn with_current<T>(f: impl FnOnce(&LeakScope) -> T) -> Option<T> {
+    let scope = CURRENT.with(|c| c.borrow().iter().rev().find_map(Weak::upgrade))?;
+    Some(f(&LeakScope { scope }))
 }
 
 /// Watches `needle` with this test's innermost guard (no guard: nothing).
@@ -638,7 +662,7 @@ mod tests {
         let scratch = TempDir::new("leak-current");
         let g = LeakGuard::with_config(fake(scratch.path()));
         let d = TempDir::new("leak-current-watched");
-        let needles = g.scope.borrow().needles.clone();
+        let needles = g.lock().needles.clone();
         assert_eq!(needles, vec![d.path().to_string_lossy().into_owned()]);
         require_guard();
         drop(d);
