@@ -714,3 +714,29 @@ fn vm_poststop_hooks_run_at_delete() {
     assert_eq!(state["id"], "forced");
     env.assert_no_leaks();
 }
+
+/// The leak guard sees a real VM: a created container (its monitor, QEMU,
+/// virtiofsd, its state dir) is reported as left until `delete` removes it.
+#[test]
+fn vm_the_leak_guard_reports_a_container_left_behind() {
+    let leaks = LeakGuard::new();
+    let env = Env::new("guard");
+    let b = Bundle::busybox(&["sleep", "1000"]);
+    assert_exit(&create(&env, &b, "g", None), 0);
+    let left = leaks
+        .check(Duration::from_secs(1))
+        .expect_err("a created container is a leak until it is deleted");
+    eprintln!("{left}");
+    assert!(
+        left.processes
+            .iter()
+            .any(|p| p.name.starts_with("qemu-system")),
+        "QEMU is reported: {left}"
+    );
+    assert!(
+        left.state.contains(&env.state_dir("g")),
+        "the state dir is reported: {left}"
+    );
+    assert_exit(&husk(&env, &["delete", "--force", "g"]), 0);
+    env.assert_no_leaks();
+}
