@@ -102,17 +102,6 @@ pub fn spec(rootfs: &Path, args: &[&str]) -> Value {
     spec
 }
 
-/// The mounts of the test's mount namespace that mention `dir` anywhere
-/// (as mount point, as bound root, as source).
-pub fn mounts_under(dir: &Path) -> Vec<String> {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let dir = dir.to_string_lossy().into_owned();
-    info.lines()
-        .filter(|line| line.contains(&dir))
-        .map(str::to_string)
-        .collect()
-}
-
 /// Direct children of `pid`.
 pub fn children_of(pid: u32) -> Vec<u32> {
     let mut children = Vec::new();
@@ -145,7 +134,7 @@ pub struct Agent {
     /// Made before everything else of the agent's and dropped after it:
     /// fails the test if the agent, a container process naming the agent's
     /// dir, or a mount of it outlives the test.
-    _leaks: LeakGuard,
+    leaks: LeakGuard,
 }
 
 impl Agent {
@@ -200,7 +189,7 @@ impl Agent {
             child,
             socket,
             log,
-            _leaks: leaks,
+            leaks,
         }
     }
 
@@ -375,7 +364,8 @@ impl Agent {
         self.check_no_leaks(&children);
     }
 
-    /// Asserts that `children` are gone and no mount remains under the dir.
+    /// Asserts that `children` are gone and, through the agent's leak
+    /// guard, that no process or mount names the agent's dir.
     pub fn check_no_leaks(&self, children: &[u32]) {
         wait_until(
             Duration::from_secs(10),
@@ -386,11 +376,7 @@ impl Agent {
                     .all(|pid| !Path::new(&format!("/proc/{pid}")).exists())
             },
         );
-        assert_eq!(
-            mounts_under(&self.dir.0),
-            Vec::<String>::new(),
-            "mounts leaked"
-        );
+        self.leaks.assert_clean(Duration::from_secs(10));
         assert!(!self.socket.exists(), "the agent left its socket behind");
     }
 
