@@ -23,7 +23,9 @@
 //! sandbox dir `<root>/<id>`, and the root is in the test's temp dir.
 //!
 //! The guard never panics while the test is already panicking: it prints
-//! what is left instead.
+//! what is left instead. Either way, at drop it kills the leaked processes
+//! once reported (they name this test's needles), so one failure does not
+//! leave VMs running under the next tests.
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -296,13 +298,27 @@ impl Drop for LeakGuard {
             let leaks = self.leaks();
             if !leaks.is_empty() {
                 eprintln!("{leaks}");
+                kill(&leaks.processes);
             }
             return;
         }
         let grace = self.lock().config.grace;
         if let Err(leaks) = self.check(grace) {
+            // Fail this test, but do not let its VMs burn CPU under the
+            // next ones: what it left names its needles, so is its own.
+            kill(&leaks.processes);
             panic!("{leaks}");
         }
+    }
+}
+
+/// SIGKILLs the leaked processes (after they were reported).
+fn kill(processes: &[Process]) {
+    for p in processes {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
@@ -560,8 +576,12 @@ mod tests {
             .spawn()
             .unwrap();
         let msg = panic_message(|| drop(g));
-        let _ = child.kill();
-        let _ = child.wait();
+        // Reported, then killed by the guard (a 30 s sleep otherwise).
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
         assert!(msg.contains("left resources behind"), "{msg}");
         assert!(
             msg.contains(&format!("process {} (qemu-system-x86)", child.id())),
