@@ -225,21 +225,19 @@ fn ctrd_task_start_exec_ps_metrics_pause_kill_delete() {
             sink.lock().unwrap().extend_from_slice(&buf[..n]);
         }
     });
-    let echoed = try_wait_until(Duration::from_secs(60), || {
+    wait_until(Duration::from_secs(60), "cat to echo its input", || {
         seen.lock().unwrap().ends_with(b"before-close\n")
-    })
-    .is_some();
-    assert!(echoed, "cat did not echo its input");
+    });
     let mut req = Vec::new();
     pb_bytes(&mut req, 1, b"t1");
     pb_bytes(&mut req, 2, b"cat");
     pb_uint(&mut req, 3, 1);
     shim_call(&c.shim_socket("t1"), "CloseIO", &req).expect("CloseIO");
-    let ended = try_wait_until(Duration::from_secs(60), || {
-        matches!(child.try_wait(), Ok(Some(_)))
-    })
-    .is_some();
-    assert!(ended, "cat did not see the end of its input");
+    wait_until(
+        Duration::from_secs(60),
+        "cat to see the end of its input",
+        || matches!(child.try_wait(), Ok(Some(_))),
+    );
     assert_eq!(child.wait().unwrap().code(), Some(0));
     reader.join().unwrap();
     drop(input);
@@ -448,17 +446,17 @@ fn ctrd_pod_shares_one_vm() {
     assert_exit(&c.ctr_out(&["task", "kill", "-s", "SIGKILL", "pod2"]), 0);
     c.wait_status("pod2", "STOPPED");
     c.ctr_out(&["task", "delete", "pod2"]);
-    let gone = try_wait_until(Duration::from_secs(60), || {
-        c.task_status("pod2-app").as_deref() != Some("RUNNING")
-    })
-    .is_some();
-    assert!(gone, "the member outlived its pod");
+    wait_until(
+        Duration::from_secs(60),
+        "the member to stop with its pod",
+        || c.task_status("pod2-app").as_deref() != Some("RUNNING"),
+    );
     c.ctr_out(&["task", "delete", "pod2-app"]);
-    let gone = try_wait_until(Duration::from_secs(60), || {
-        c.task_status("pod2-app").is_none()
-    })
-    .is_some();
-    assert!(gone, "containerd still lists the member");
+    wait_until(
+        Duration::from_secs(60),
+        "containerd to drop the member",
+        || c.task_status("pod2-app").is_none(),
+    );
     assert_exit(&c.ctr_out(&["container", "rm", "pod2-app", "pod2"]), 0);
     c.assert_no_leaks();
 }
@@ -542,8 +540,11 @@ fn ctrd_restart_keeps_tasks_dead_vms_and_shims_are_cleaned() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let gone = try_wait_until(Duration::from_secs(60), || c.task_status("r2").is_none()).is_some();
-    assert!(gone, "containerd still lists the task of a dead shim");
+    wait_until(
+        Duration::from_secs(60),
+        "containerd to drop the task of a dead shim",
+        || c.task_status("r2").is_none(),
+    );
     assert_exit(&c.ctr_out(&["container", "rm", "r1", "r2"]), 0);
     c.assert_no_leaks();
 }

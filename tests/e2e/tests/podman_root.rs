@@ -300,9 +300,10 @@ fn detached_logs_exec_ps_pause_stop(p: &Podman) {
             .unwrap_or(0)
     };
     let before = ticks(p);
-    assert!(
-        try_wait_until(Duration::from_secs(30), || ticks(p) > before).is_some(),
-        "the container did not run on after unpause"
+    wait_until(
+        Duration::from_secs(30),
+        "the container to run on after unpause",
+        || ticks(p) > before,
     );
 
     // stop: SIGTERM is honored (the trap's status, well before the timeout).
