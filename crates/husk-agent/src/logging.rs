@@ -32,6 +32,7 @@ pub fn init(filter: &str) {
     };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .with_target(false)

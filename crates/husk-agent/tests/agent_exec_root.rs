@@ -339,13 +339,23 @@ async fn root_ps_and_signal_all_with_cgroups() {
     let mut process = exec_process(&["sleep", "1002"]);
     process["user"] = json!({"uid": 1234, "gid": 1234});
     agent.exec("ps", "ex", &process).await.unwrap();
+    // Four processes, and the shell's two children past their exec (a
+    // child forked but not yet exec'd still shows the shell's command).
     support::wait_until(
         std::time::Duration::from_secs(10),
         "both sleeps to run",
         || {
-            std::fs::read_to_string(cgroups.0.join("ps/cgroup.procs"))
-                .map(|t| t.lines().count() == 4)
-                .unwrap_or(false)
+            let procs =
+                std::fs::read_to_string(cgroups.0.join("ps/cgroup.procs")).unwrap_or_default();
+            let commands: Vec<String> = procs
+                .lines()
+                .map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .collect();
+            commands.len() == 4
+                && ["sleep 1000 ", "sleep 1001 "]
+                    .iter()
+                    .all(|sleep| commands.iter().any(|c| c == sleep))
         },
     );
     let list = ps(&agent, "ps").await;

@@ -35,6 +35,15 @@ pub struct Config {
     pub hypervisor: HypervisorConfig,
     pub shared_fs: SharedFsConfig,
     pub agent: AgentConfig,
+    pub limits: LimitsConfig,
+}
+
+/// The largest VM any spec or annotation may ask for (0: the host's).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_vcpus: u32,
+    pub max_memory_mib: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -92,6 +101,7 @@ impl Default for Config {
             hypervisor: HypervisorConfig::default(),
             shared_fs: SharedFsConfig::default(),
             agent: AgentConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }

@@ -9,6 +9,12 @@
 //!   container's namespaces. Those are in the guest, where the hook binaries
 //!   (host paths) do not exist, so husk does not run them and logs a
 //!   warning when a spec has them.
+//!
+//! Every hook has a deadline: its own `timeout`, else [`DEFAULT_TIMEOUT`],
+//! so a hook that never ends cannot pin a create or a delete. The hooks
+//! that run are the ones recorded at create (`poststop` is also kept in
+//! the sandbox's `state.json`), never re-read from a `config.json` that may
+//! have changed since.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -42,6 +48,9 @@ pub enum HookError {
     },
 }
 
+/// How long a hook without a `timeout` of its own may run.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Runs `hooks` in order, each with `state` (runc's state JSON) on stdin;
 /// stops at the first failure.
 pub async fn run(kind: &'static str, hooks: &[Hook], state: &Value) -> Result<(), HookError> {
@@ -61,6 +70,15 @@ pub async fn run_logged(kind: &'static str, hooks: &[Hook], state: &Value) {
 }
 
 async fn run_one(kind: &'static str, h: &Hook, state: &Value) -> Result<(), HookError> {
+    run_one_within(kind, h, state, DEFAULT_TIMEOUT).await
+}
+
+async fn run_one_within(
+    kind: &'static str,
+    h: &Hook,
+    state: &Value,
+    default_timeout: Duration,
+) -> Result<(), HookError> {
     let path = h.path().display().to_string();
     let mut cmd = Command::new(h.path());
     // args[0] is the hook's argv[0], as in execve.
@@ -87,25 +105,31 @@ async fn run_one(kind: &'static str, h: &Hook, state: &Value) -> Result<(), Hook
         path: path.clone(),
         source,
     })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(state.to_string().as_bytes()).await;
-    }
-    let out = child.wait_with_output();
-    let out = match h.timeout() {
-        Some(secs) if secs > 0 => tokio::time::timeout(Duration::from_secs(secs as u64), out)
-            .await
-            .map_err(|_| HookError::Timeout {
-                kind,
-                path: path.clone(),
-                secs,
-            })?,
-        _ => out.await,
-    }
-    .map_err(|source| HookError::Spawn {
-        kind,
-        path: path.clone(),
-        source,
-    })?;
+    let stdin = child.stdin.take();
+    let finished = async move {
+        // Inside the deadline: a hook that never reads its stdin must not
+        // hold us at a full pipe.
+        if let Some(mut stdin) = stdin {
+            let _ = stdin.write_all(state.to_string().as_bytes()).await;
+        }
+        child.wait_with_output().await
+    };
+    let limit = match h.timeout() {
+        Some(secs) if secs > 0 => Duration::from_secs(secs as u64),
+        _ => default_timeout,
+    };
+    let out = tokio::time::timeout(limit, finished)
+        .await
+        .map_err(|_| HookError::Timeout {
+            kind,
+            path: path.clone(),
+            secs: limit.as_secs() as i64,
+        })?
+        .map_err(|source| HookError::Spawn {
+            kind,
+            path: path.clone(),
+            source,
+        })?;
     if out.status.success() {
         Ok(())
     } else {
@@ -172,5 +196,18 @@ mod tests {
             run("poststop", &missing, &Value::Null).await,
             Err(HookError::Spawn { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_hook_without_a_timeout_gets_the_default_one() {
+        // It neither reads its stdin nor ends: the deadline covers both.
+        let stuck = hook(serde_json::json!({"path": "/bin/sleep", "args": ["sleep", "600"]}));
+        let big = Value::String("x".repeat(1 << 20));
+        let t0 = std::time::Instant::now();
+        let e = run_one_within("poststop", &stuck, &big, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, HookError::Timeout { .. }), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(10));
     }
 }

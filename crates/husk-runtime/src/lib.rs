@@ -18,4 +18,5 @@ pub mod sizing;
 pub mod state;
 pub mod status;
 pub mod stdio;
+pub mod timing;
 pub mod translate;

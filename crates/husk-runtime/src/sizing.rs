@@ -14,8 +14,12 @@
 //!   thread) is pinned to those host CPUs instead, and the VM gets no more
 //!   vCPUs than the list has CPUs. `cpu.mems` (host NUMA nodes) is dropped.
 //!
-//! For a pod, the CRI sandbox annotations (`io.kubernetes.cri.sandbox-*`)
-//! take the place of the owner's own memory and CPU limits.
+//! For a pod booted by the shim (the CRI path), the CRI sandbox
+//! annotations (`io.kubernetes.cri.sandbox-*`) take the place of the
+//! owner's own memory and CPU limits ([`Annotations::Honoured`]). Anywhere
+//! else they are ignored: an annotation is not a limit a CLI user's spec
+//! has to pass. Whatever the source, the VM is never bigger than
+//! `[limits]` in the configuration allows.
 
 use oci_spec::runtime::Spec;
 
@@ -106,12 +110,30 @@ impl Host {
     }
 }
 
+/// Whether the CRI sandbox annotations size the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Annotations {
+    /// The shim's pods: containerd's CRI plugin sets them for the pod.
+    Honoured,
+    /// The CLI: only the spec's own limits count.
+    Ignored,
+}
+
 /// The VM for the container whose spec is `spec`, on `host`.
-pub fn vm_config(cfg: &Config, spec: &Spec, host: &Host) -> Result<Config, SizingError> {
+pub fn vm_config(
+    cfg: &Config,
+    spec: &Spec,
+    host: &Host,
+    annotations: Annotations,
+) -> Result<Config, SizingError> {
     let allowed = &host.cpus[..];
     let mut out = cfg.clone();
     let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
-    let memory_limit = annotation(spec, SANDBOX_MEMORY)
+    let cri = |key: &str| match annotations {
+        Annotations::Honoured => annotation(spec, key),
+        Annotations::Ignored => None,
+    };
+    let memory_limit = cri(SANDBOX_MEMORY)
         .and_then(|v| v.parse::<i64>().ok())
         .or_else(|| {
             resources
@@ -122,7 +144,11 @@ pub fn vm_config(cfg: &Config, spec: &Spec, host: &Host) -> Result<Config, Sizin
         .filter(|l| *l > 0);
     if let Some(bytes) = memory_limit {
         let wanted = u64::from(cfg.hypervisor.memory_mib) + (bytes as u64).div_ceil(1 << 20);
-        let most = host.memory_mib.max(u64::from(cfg.hypervisor.memory_mib));
+        let mut most = host.memory_mib;
+        if cfg.limits.max_memory_mib > 0 {
+            most = most.min(u64::from(cfg.limits.max_memory_mib));
+        }
+        let most = most.max(u64::from(cfg.hypervisor.memory_mib));
         if wanted > most {
             tracing::info!(
                 wanted_mib = wanted,
@@ -147,12 +173,15 @@ pub fn vm_config(cfg: &Config, spec: &Spec, host: &Host) -> Result<Config, Sizin
         }
         _ => None,
     };
-    let usable = pinned.as_ref().map_or(allowed.len(), Vec::len).max(1) as u64;
+    let mut usable = pinned.as_ref().map_or(allowed.len(), Vec::len).max(1) as u64;
+    if cfg.limits.max_vcpus > 0 {
+        usable = usable.min(u64::from(cfg.limits.max_vcpus));
+    }
 
-    let quota = annotation(spec, SANDBOX_CPU_QUOTA)
+    let quota = cri(SANDBOX_CPU_QUOTA)
         .and_then(|v| v.parse::<i64>().ok())
         .or_else(|| cpu.as_ref().and_then(|c| c.quota()));
-    let period = annotation(spec, SANDBOX_CPU_PERIOD)
+    let period = cri(SANDBOX_CPU_PERIOD)
         .and_then(|v| v.parse::<u64>().ok())
         .or_else(|| cpu.as_ref().and_then(|c| c.period()));
     let mut vcpus = u64::from(cfg.hypervisor.vcpus);
@@ -212,24 +241,33 @@ pub(crate) mod tests {
         let cfg = Config::default();
         let eight = host(8);
         let plain = spec(serde_json::json!({}), serde_json::json!({}));
-        assert_eq!(vm_config(&cfg, &plain, &eight).unwrap(), cfg);
+        assert_eq!(
+            vm_config(&cfg, &plain, &eight, Annotations::Honoured).unwrap(),
+            cfg
+        );
 
         let own = spec(
             serde_json::json!({}),
             serde_json::json!({"memory": {"limit": 33554432}, "cpu": {"quota": 150000, "period": 100000}}),
         );
-        let c = vm_config(&cfg, &own, &eight).unwrap();
+        let c = vm_config(&cfg, &own, &eight, Annotations::Honoured).unwrap();
         assert_eq!(c.hypervisor.memory_mib, cfg.hypervisor.memory_mib + 32);
         assert_eq!(c.hypervisor.vcpus, cfg.hypervisor.vcpus + 2);
         // Never more vCPUs than the host has.
-        assert_eq!(vm_config(&cfg, &own, &host(2)).unwrap().hypervisor.vcpus, 2);
+        assert_eq!(
+            vm_config(&cfg, &own, &host(2), Annotations::Honoured)
+                .unwrap()
+                .hypervisor
+                .vcpus,
+            2
+        );
 
         // The pod's annotations win over the sandbox container's own limits.
         let pod = spec(
             serde_json::json!({SANDBOX_MEMORY: "1048577", SANDBOX_CPU_QUOTA: "0", SANDBOX_CPU_PERIOD: "100000"}),
             serde_json::json!({"memory": {"limit": 33554432}}),
         );
-        let c = vm_config(&cfg, &pod, &eight).unwrap();
+        let c = vm_config(&cfg, &pod, &eight, Annotations::Honoured).unwrap();
         assert_eq!(c.hypervisor.memory_mib, cfg.hypervisor.memory_mib + 2);
         assert_eq!(c.hypervisor.vcpus, cfg.hypervisor.vcpus);
 
@@ -238,8 +276,33 @@ pub(crate) mod tests {
             serde_json::json!({}),
             serde_json::json!({"memory": {"limit": 1i64 << 40}}),
         );
-        let c = vm_config(&cfg, &huge, &eight).unwrap();
+        let c = vm_config(&cfg, &huge, &eight, Annotations::Honoured).unwrap();
         assert_eq!(c.hypervisor.memory_mib, 16 * 1024);
+    }
+
+    #[test]
+    fn annotations_size_only_the_shims_pods_and_limits_cap_everything() {
+        let cfg = Config::default();
+        let eight = host(8);
+        let asks = spec(
+            serde_json::json!({SANDBOX_MEMORY: "8589934592", SANDBOX_CPU_QUOTA: "800000", SANDBOX_CPU_PERIOD: "100000"}),
+            serde_json::json!({"memory": {"limit": 33554432}}),
+        );
+        // The CLI: the annotations are not limits; the spec's own are.
+        let cli = vm_config(&cfg, &asks, &eight, Annotations::Ignored).unwrap();
+        assert_eq!(cli.hypervisor.memory_mib, cfg.hypervisor.memory_mib + 32);
+        assert_eq!(cli.hypervisor.vcpus, cfg.hypervisor.vcpus);
+        // The shim's pod: they are, up to the host.
+        let pod = vm_config(&cfg, &asks, &eight, Annotations::Honoured).unwrap();
+        assert_eq!(pod.hypervisor.memory_mib, cfg.hypervisor.memory_mib + 8192);
+        assert_eq!(pod.hypervisor.vcpus, 8);
+        // And the configuration caps both.
+        let mut capped = cfg.clone();
+        capped.limits.max_memory_mib = 1024;
+        capped.limits.max_vcpus = 2;
+        let c = vm_config(&capped, &asks, &eight, Annotations::Honoured).unwrap();
+        assert_eq!(c.hypervisor.memory_mib, 1024);
+        assert_eq!(c.hypervisor.vcpus, 2);
     }
 
     #[test]
@@ -250,7 +313,7 @@ pub(crate) mod tests {
             serde_json::json!({}),
             serde_json::json!({"cpu": {"cpus": "1-2", "quota": 400000, "period": 100000}}),
         );
-        let c = vm_config(&cfg, &pinned, &four).unwrap();
+        let c = vm_config(&cfg, &pinned, &four, Annotations::Honoured).unwrap();
         assert_eq!(c.hypervisor.host_cpus, Some(vec![1, 2]));
         assert_eq!(c.hypervisor.vcpus, 2);
 
@@ -259,7 +322,7 @@ pub(crate) mod tests {
             serde_json::json!({"cpu": {"cpus": "3,7"}}),
         );
         assert_eq!(
-            vm_config(&cfg, &outside, &four),
+            vm_config(&cfg, &outside, &four, Annotations::Honoured),
             Err(SizingError::CpusNotAllowed {
                 list: "3,7".into(),
                 allowed: "0-3".into()
@@ -270,7 +333,7 @@ pub(crate) mod tests {
             serde_json::json!({"cpu": {"cpus": "x"}}),
         );
         assert!(matches!(
-            vm_config(&cfg, &garbage, &four),
+            vm_config(&cfg, &garbage, &four, Annotations::Honoured),
             Err(SizingError::BadCpuList(_))
         ));
     }

@@ -2,6 +2,7 @@
 //! through the `containerd-shim` crate's publisher (which queues, and
 //! reconnects and retries while containerd restarts).
 
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -15,14 +16,20 @@ pub use containerd_shim::protos::events::task::{
 };
 pub use containerd_shim::protos::topics;
 
-pub struct Events {
-    publisher: RemotePublisher,
-    namespace: String,
+/// Where the shim's events go: containerd, or (in tests) a list.
+pub enum Events {
+    Remote {
+        publisher: RemotePublisher,
+        namespace: String,
+    },
+    /// Keeps each event's topic, in order (tests of the task service).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Recorded(Arc<Mutex<Vec<String>>>),
 }
 
 impl Events {
     pub fn new(publisher: RemotePublisher, namespace: String) -> Events {
-        Events {
+        Events::Remote {
             publisher,
             namespace,
         }
@@ -30,12 +37,22 @@ impl Events {
 
     pub async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
         tracing::debug!(topic, "publishing event");
-        if let Err(e) = self
-            .publisher
-            .publish(Context::default(), topic, &self.namespace, event)
-            .await
-        {
-            tracing::warn!(topic, error = %e, "cannot publish event");
+        match self {
+            Events::Remote {
+                publisher,
+                namespace,
+            } => {
+                if let Err(e) = publisher
+                    .publish(Context::default(), topic, namespace, event)
+                    .await
+                {
+                    tracing::warn!(topic, error = %e, "cannot publish event");
+                }
+            }
+            Events::Recorded(topics) => topics
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(topic.to_string()),
         }
     }
 }

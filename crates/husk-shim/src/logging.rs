@@ -4,7 +4,7 @@
 //!
 //! Filter: `$HUSK_LOG` (a tracing filter), else `debug` when containerd runs
 //! with debug logging (`-debug`), else `info` (which includes the
-//! `husk_timing` events).
+//! `husk_timing` spans, reported as they close: see `husk_runtime::timing`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -58,6 +58,7 @@ pub fn init_server(debug: bool) {
     let file = Arc::new(file);
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter(if debug { "debug" } else { "info" }))
+        .with_span_events(husk_runtime::timing::SPAN_EVENTS)
         .with_ansi(false)
         .with_writer(move || FifoWriter(file.clone()))
         .try_init();

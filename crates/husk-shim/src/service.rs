@@ -129,6 +129,7 @@ impl Shim for Service {
             self.debug,
             events::Events::new(publisher, self.namespace.clone()),
             self.exit.clone(),
+            Box::new(crate::task::QemuLaunch),
         )
     }
 }

@@ -27,6 +27,7 @@ pub fn init(cli: &Cli) -> anyhow::Result<()> {
     let opts = &cli.global;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(opts))
+        .with_span_events(husk_runtime::timing::SPAN_EVENTS)
         .with_target(opts.debug);
     match &opts.log {
         Some(path) => {

@@ -36,21 +36,13 @@ fn run(c: &Containerd, runtime: &str, opts: &[&str], id: &str) -> f64 {
     ms
 }
 
-/// The numeric fields of the shim's `husk_timing` log lines (they reach
-/// containerd's log through the shim's log FIFO), by name.
+/// The shim's timing spans (they reach containerd's log through the
+/// shim's log FIFO), as `<phase>_ms`.
 fn phases(log: &std::path::Path) -> std::collections::BTreeMap<String, Vec<f64>> {
     let mut out: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    for line in text.lines().filter(|l| l.contains("husk_timing:")) {
-        for word in line.split_whitespace() {
-            if let Some((k, v)) = word.split_once('=') {
-                if let Ok(ms) = v.parse::<f64>() {
-                    if k.ends_with("_ms") {
-                        out.entry(k.to_string()).or_default().push(ms);
-                    }
-                }
-            }
-        }
+    for (name, ms) in husk_e2e::timing::phases(&text) {
+        out.entry(format!("{name}_ms")).or_default().push(ms);
     }
     out
 }

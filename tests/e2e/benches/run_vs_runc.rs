@@ -9,7 +9,6 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use husk_e2e::{Bundle, Env, TempDir};
-use serde_json::Value;
 
 use husk_e2e::bench::stats;
 
@@ -28,25 +27,13 @@ fn time(mut cmd: Command) -> f64 {
     ms
 }
 
-/// Reads the `husk_timing` events of one run's JSON log.
+/// The timing spans of one run's JSON log, as `<phase>_ms`.
 fn phases(log: &Path) -> Vec<(String, f64)> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        // Only `husk_timing` events are enabled (HUSK_LOG), so every
-        // numeric field is a phase.
-        if let Some(fields) = v["fields"].as_object() {
-            for (k, val) in fields {
-                if let Some(ms) = val.as_f64() {
-                    out.push((k.clone(), ms));
-                }
-            }
-        }
-    }
-    out
+    husk_e2e::timing::phases(&text)
+        .into_iter()
+        .map(|(name, ms)| (format!("{name}_ms"), ms))
+        .collect()
 }
 
 fn main() {
@@ -131,7 +118,7 @@ fn main() {
         ("start_ms", "container start"),
         ("create_start_ms", "container create+start"),
         ("teardown_ms", "teardown"),
-        ("total_to_running_ms", "total to container running"),
+        ("pod_boot_ms", "sandbox boot (total)"),
     ] {
         if let Some(v) = breakdown.get(name) {
             println!("  {:<32} {:>8.1}", label, stats(v.clone()).median);

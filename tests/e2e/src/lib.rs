@@ -32,6 +32,7 @@ pub mod console;
 pub mod podman;
 
 pub mod spec;
+pub mod timing;
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

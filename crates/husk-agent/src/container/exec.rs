@@ -2,38 +2,18 @@
 //! started through the exec stage (`exec_stage.rs`) and then addressed by
 //! `(container_id, exec_id)` exactly like the init.
 
-use std::ffi::CString;
-use std::fs::File;
-use std::io::{self, Write};
-use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use tokio::io::{AsyncWriteExt, BufReader};
 
 use super::exec_stage::ExecConfig;
-use super::spec::{self, InitMessage};
-use super::stdio::{self, pipe};
-use super::{next_message, ContainerError, Containers, ExecSlot};
-use crate::process::spawn::{clone_exec, CloneExec};
-use crate::process::stdio::FdIo;
-use crate::process::{wait_exit, ExitStatus};
-
-/// Frees a reserved exec id unless the exec started.
-struct ExecReservation<'a> {
-    container: &'a super::Container,
-    exec_id: &'a str,
-    done: bool,
-}
-
-impl Drop for ExecReservation<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.container.execs().remove(self.exec_id);
-        }
-    }
-}
+use super::launch::{Launched, StageKind, StageLaunch, Started};
+use super::lookup::Reservation;
+use super::protocol::StageMessage;
+use super::spec;
+use super::{ContainerError, Containers, ExecSlot};
+use crate::process::ExitStatus;
 
 impl Containers {
     /// Starts `process_json` (an OCI process) in container `id` as
@@ -58,20 +38,12 @@ impl Containers {
         for note in notes {
             tracing::warn!(container = id, exec = exec_id, "{note}");
         }
-        {
-            let mut execs = container.execs();
-            if execs.contains_key(exec_id) {
-                return Err(ContainerError::ExecExists {
-                    id: id.to_string(),
-                    exec_id: exec_id.to_string(),
-                });
-            }
-            execs.insert(exec_id.to_string(), ExecSlot::Starting);
-        }
-        let mut reservation = ExecReservation {
-            container: &container,
-            exec_id,
-            done: false,
+        let Some(reservation) = Reservation::new(&container.execs, exec_id, ExecSlot::Starting)
+        else {
+            return Err(ContainerError::ExecExists {
+                id: id.to_string(),
+                exec_id: exec_id.to_string(),
+            });
         };
         let failed = |message: String, invalid_spec: bool| ContainerError::ExecFailed {
             id: id.to_string(),
@@ -79,68 +51,35 @@ impl Containers {
             message,
             invalid_spec,
         };
-        let io_err = |what: &'static str| {
-            move |source: io::Error| ContainerError::Io {
-                id: id.to_string(),
-                what,
-                source,
-            }
-        };
-
-        let (child_stdio, pending_stdio) = if process.terminal {
-            stdio::terminal().map_err(io_err("preparing the terminal's console socket"))?
-        } else {
-            stdio::pipes().map_err(io_err("creating stdio pipes"))?
-        };
         let config = ExecConfig {
             init_pid: container.process.pid().as_raw(),
-            process,
             seccomp: container.seccomp.clone(),
             die_with_agent: self.options.die_with_agent,
+            process,
         };
-        let json = serde_json::to_vec(&config)
-            .map_err(|e| io_err("encoding the exec instructions")(io::Error::other(e)))?;
-        let (config_r, config_w) = pipe().map_err(io_err("creating the config pipe"))?;
-        let (status_r, status_w) = pipe().map_err(io_err("creating the status pipe"))?;
-        let (start_r, start_w) = pipe().map_err(io_err("creating the start pipe"))?;
-        let argv = [CString::from(c"husk-agent"), CString::from(c"exec")];
-        let fds = child_stdio.stage_fds(config_r.as_fd(), status_w.as_fd(), start_r.as_fd());
-        let request = CloneExec {
+        let launch = StageLaunch {
+            kind: StageKind::Exec,
+            terminal: config.process.terminal,
             namespaces: nix::sched::CloneFlags::empty(),
-            program: &self.options.agent_exe,
-            argv: &argv,
-            fds,
-            parent_death_signal: self.options.die_with_agent.then_some(Signal::SIGKILL),
-            hold_fd: None,
-            become_userns_root: false,
+            hold: None,
         };
         // The exec'd process becomes our child before we learn its pid.
         let window = self.reaper.adoption_window();
-        let (stage_pid, stage_exit) = self
-            .reaper
-            .spawn(|| clone_exec(&request))
-            .map_err(io_err("starting the exec stage (clone)"))?;
-        drop(request);
-        drop((child_stdio, config_r, status_w, start_r));
+        let Launched {
+            pid: stage_pid,
+            exit: stage_exit,
+            stdio,
+            mut control,
+        } = self.launch_stage(id, &launch, &config).await?;
         tracing::debug!(
             container = id,
             exec = exec_id,
             stage = stage_pid.as_raw(),
             "exec stage started"
         );
-
-        let mut status =
-            BufReader::new(FdIo::new(status_r).map_err(io_err("watching the status pipe"))?);
-        let fed = async {
-            let mut config_pipe = FdIo::new(config_w)?;
-            config_pipe.write_all(&json).await
-        };
-        if let Err(e) = fed.await {
-            tracing::debug!(container = id, "writing the exec instructions failed: {e}");
-        }
-        let pid = match next_message(id, &mut status).await {
-            Ok(Some(InitMessage::Pid(pid))) => Pid::from_raw(pid),
-            Ok(Some(InitMessage::Error {
+        let pid = match control.next_message(id).await {
+            Ok(Some(StageMessage::Pid(pid))) => Pid::from_raw(pid),
+            Ok(Some(StageMessage::Error {
                 message,
                 invalid_spec,
             })) => return Err(failed(message, invalid_spec)),
@@ -160,52 +99,44 @@ impl Containers {
         let exit = self.reaper.adopt(&window, pid);
         drop(window);
         // With a terminal, the stage sent its master before the pid.
-        let stdio = match pending_stdio.finish(&format!("container {id}, exec {exec_id}")) {
-            Ok(stdio) => stdio,
-            Err(source) => {
-                let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
-                wait_exit(pid, &exit).await;
-                return Err(failed(format!("taking over its stdio: {source}"), false));
-            }
-        };
-        let process = stdio.into_process(pid, exit);
+        let label = format!("container {id}, exec {exec_id}");
+        let process = self
+            .take_over(stdio, &label, pid, exit)
+            .await
+            .map_err(|source| failed(format!("taking over its stdio: {source}"), false))?;
 
         if let Some(cgroup) = &container.cgroup {
             if let Err(source) = cgroup.add(pid.as_raw()) {
-                let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
-                process.wait().await;
+                self.kill_and_wait(&process).await;
                 return Err(ContainerError::Cgroup {
                     id: id.to_string(),
                     source,
                 });
             }
         }
-        let mut start = File::from(start_w);
-        if start.write_all(b"s").is_err() {
-            let status = process.wait().await;
-            return Err(failed(
-                format!("the process {status} before it ran its program"),
-                false,
-            ));
-        }
-        drop(start);
-        match next_message(id, &mut status).await {
-            Ok(None) => {}
-            Ok(Some(InitMessage::Error {
+        match control.start(id).await {
+            Started::Running => {}
+            Started::Gone => {
+                let status = process.wait().await;
+                return Err(failed(
+                    format!("the process {status} before it ran its program"),
+                    false,
+                ));
+            }
+            Started::Failed {
                 message,
                 invalid_spec,
-            })) => {
+            } => {
                 process.wait().await;
                 return Err(failed(message, invalid_spec));
             }
-            Ok(Some(other)) => tracing::warn!(
+            Started::Unexpected(other) => tracing::warn!(
                 container = id,
                 exec = exec_id,
                 "unexpected message from the exec'd process: {other:?}"
             ),
-            Err(source) => {
-                let _ = self.reaper.signal(pid, Signal::SIGKILL as i32);
-                process.wait().await;
+            Started::Unreadable(source) => {
+                self.kill_and_wait(&process).await;
                 return Err(ContainerError::Io {
                     id: id.to_string(),
                     what: "reading the exec'd process's status",
@@ -213,10 +144,7 @@ impl Containers {
                 });
             }
         }
-        container
-            .execs()
-            .insert(exec_id.to_string(), ExecSlot::Ready(Arc::new(process)));
-        reservation.done = true;
+        reservation.fill(ExecSlot::Ready(Arc::new(process)));
         // The init may have died meanwhile; its watcher only saw the execs
         // that were ready.
         if container.process.exit_status().is_some() {

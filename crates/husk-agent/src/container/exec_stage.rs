@@ -29,7 +29,8 @@ use nix::sys::stat::Mode;
 use nix::unistd::{self, Gid, Uid};
 use serde::{Deserialize, Serialize};
 
-use super::spec::{InitMessage, ProcessConfig};
+use super::protocol::StageMessage;
+use super::spec::ProcessConfig;
 use super::stage::{self, step, Reporter, StageError};
 use crate::seccomp::SeccompProgram;
 use crate::sys;
@@ -144,7 +145,7 @@ fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
         "forking the exec'd process".to_string()
     })? {
         sys::Forked::Parent(pid) => {
-            reporter.send(&InitMessage::Pid(pid.as_raw()));
+            reporter.send(&StageMessage::Pid(pid.as_raw()));
             std::process::exit(0)
         }
         sys::Forked::Child => {}
@@ -159,12 +160,5 @@ fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
         })?;
     }
     stage::wait_for_start(start);
-    stage::apply_limits(&config.process)?;
-    let (program, seccomp_installed) =
-        stage::become_user(&config.process, config.seccomp.as_ref())?;
-    step(sys::reset_signals(), || {
-        "resetting signal handlers".to_string()
-    })?;
-    let pending = config.seccomp.as_ref().filter(|_| !seccomp_installed);
-    stage::exec_program(&program, &config.process, pending)
+    stage::become_and_exec(&config.process, config.seccomp.as_ref(), || {})
 }

@@ -9,7 +9,7 @@
 //! `Ready` on fd 4, blocks until the agent writes to fd 5 (runc's
 //! create/start split) and execs the container's program.
 //!
-//! Failures go to fd 4 as an [`InitMessage::Error`]; fd 4 is close-on-exec,
+//! Failures go to fd 4 as an [`StageMessage::Error`]; fd 4 is close-on-exec,
 //! so the agent reads end-of-file once the program runs.
 
 use std::convert::Infallible;
@@ -28,7 +28,8 @@ use nix::unistd::{self, Gid, Uid};
 use super::mounts::{
     create_dev_symlinks, ensure_file, mount_entry, resolve_in_root, DEFAULT_DEVICES,
 };
-use super::spec::{DeviceEntry, InitConfig, InitMessage};
+use super::protocol::StageMessage;
+use super::spec::{DeviceEntry, InitConfig};
 use super::stage::{self, step, Reporter, StageError};
 use crate::sys;
 
@@ -70,17 +71,10 @@ fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
     if let Some(domainname) = &config.domainname {
         set_domainname(domainname)?;
     }
-    stage::apply_limits(&config.process)?;
-    let (program, seccomp_installed) =
-        stage::become_user(&config.process, config.seccomp.as_ref())?;
-
-    step(sys::reset_signals(), || {
-        "resetting signal handlers".to_string()
-    })?;
-    reporter.send(&InitMessage::Ready);
-    stage::wait_for_start(start);
-    let pending = config.seccomp.as_ref().filter(|_| !seccomp_installed);
-    stage::exec_program(&program, &config.process, pending)
+    stage::become_and_exec(&config.process, config.seccomp.as_ref(), || {
+        reporter.send(&StageMessage::Ready);
+        stage::wait_for_start(start);
+    })
 }
 
 /// Mounts everything under the rootfs and moves into it.

@@ -1,6 +1,5 @@
 //! Translating an OCI runtime spec into the init stage's instructions (pure,
-//! so it is unit-tested without root), and the messages the init stage sends
-//! back.
+//! so it is unit-tested without root).
 
 use std::path::{Path, PathBuf};
 
@@ -160,28 +159,6 @@ pub struct InitConfig {
     pub seccomp: Option<SeccompProgram>,
     /// The program to run.
     pub process: ProcessConfig,
-}
-
-/// What the init stage reports on its status pipe, one JSON object per line.
-/// A successful exec closes the pipe (it is close-on-exec): end-of-file after
-/// `Ready` means the program runs.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum InitMessage {
-    /// Something was skipped; the agent logs it.
-    Warning(String),
-    /// Setup is done; the init blocks until the agent says start.
-    Ready,
-    /// The exec stage forked the process to run (its pid in the agent's
-    /// PID namespace); it waits for the agent's go.
-    Pid(i32),
-    /// Setup or exec failed; the init exits.
-    Error {
-        /// What failed, for the error reply.
-        message: String,
-        /// Whether the spec is at fault (bad command, bad user...).
-        invalid_spec: bool,
-    },
 }
 
 /// The environment variable PATH lookups use when the spec sets none.

@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -23,21 +23,11 @@ use oci_spec::runtime::PosixRlimitType;
 use serde::de::DeserializeOwned;
 
 use super::mounts::{ensure_file, MountError};
-use super::spec::{find_program, path_of, InitMessage, LookupError, ProcessConfig};
+use super::protocol::{self, StageMessage, CONFIG_FD, CONSOLE_FD, START_FD, STATUS_FD};
+use super::spec::{find_program, path_of, LookupError, ProcessConfig};
 use crate::caps;
 use crate::seccomp::SeccompProgram;
 use crate::sys;
-
-/// Where a stage reads its instructions (JSON, until end-of-file).
-pub const CONFIG_FD: RawFd = 3;
-/// Where a stage writes [`InitMessage`]s, one JSON object per line.
-pub const STATUS_FD: RawFd = 4;
-/// Where a stage waits for the agent's go: one byte means start, end-of-file
-/// means the agent gave up on it (the container was removed first).
-pub const START_FD: RawFd = 5;
-/// Where a stage whose process has a terminal finds its end of the console
-/// socket, on which it sends the terminal's master to the agent.
-pub const CONSOLE_FD: RawFd = 6;
 
 /// A stage's first steps: close everything but fds 0-6 (nothing else
 /// belongs to the container), read the instructions (`what` names them in
@@ -137,16 +127,15 @@ pub struct Reporter(File);
 
 impl Reporter {
     /// Sends one message.
-    pub fn send(&self, message: &InitMessage) {
-        let mut line = serde_json::to_vec(message).unwrap_or_default();
-        line.push(b'\n');
+    pub fn send(&self, message: &StageMessage) {
+        let line = protocol::encode(message);
         // If the agent is gone there is nobody to tell.
         let _ = (&self.0).write_all(&line);
     }
 
     /// Sends a warning for the agent's log.
     pub fn warn(&self, text: String) {
-        self.send(&InitMessage::Warning(text));
+        self.send(&StageMessage::Warning(text));
     }
 }
 
@@ -176,7 +165,7 @@ pub fn run_stage(name: &str, run: fn(&Reporter) -> Result<Infallible, StageError
             (format!("container {name} stage panicked: {text}"), false, 1)
         }
     };
-    reporter.send(&InitMessage::Error {
+    reporter.send(&StageMessage::Error {
         message,
         invalid_spec,
     });
@@ -440,6 +429,26 @@ pub fn become_user(
         unistd::access(p, AccessFlags::X_OK).is_ok()
     })?;
     Ok((program, seccomp_installed))
+}
+
+/// The last steps of every container process, once its namespaces and
+/// filesystem are done: limits, user and capabilities (with the seccomp
+/// filter when it must come first), default signal handlers, then
+/// `before_exec` (the init reports `Ready` and waits for its go there), the
+/// pending seccomp filter and `execve`.
+pub fn become_and_exec(
+    process: &ProcessConfig,
+    seccomp: Option<&SeccompProgram>,
+    before_exec: impl FnOnce(),
+) -> Result<Infallible, StageError> {
+    apply_limits(process)?;
+    let (program, seccomp_installed) = become_user(process, seccomp)?;
+    step(sys::reset_signals(), || {
+        "resetting signal handlers".to_string()
+    })?;
+    before_exec();
+    let pending = seccomp.filter(|_| !seccomp_installed);
+    exec_program(&program, process, pending)
 }
 
 /// Installs `seccomp` (when still pending) and execs the program.

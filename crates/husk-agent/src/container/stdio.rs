@@ -15,7 +15,7 @@ use std::sync::Arc;
 use nix::fcntl::OFlag;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
-use super::stage;
+use super::protocol;
 use crate::process::stdio::{spawn_pump, FdIo, OUTPUT_BUFFER_CAPACITY};
 use crate::process::{ExitReceiver, OutputBuffer, Process, Stdin};
 
@@ -31,7 +31,7 @@ pub struct ChildStdio {
     /// has made its terminal.
     pub fds: [OwnedFd; 3],
     /// The stage's end of the console socket, for a terminal (it goes to
-    /// `stage::CONSOLE_FD`).
+    /// `protocol::CONSOLE_FD`).
     pub console_socket: Option<OwnedFd>,
 }
 
@@ -49,12 +49,12 @@ impl ChildStdio {
             (self.fds[0].as_fd(), 0),
             (self.fds[1].as_fd(), 1),
             (self.fds[2].as_fd(), 2),
-            (config, stage::CONFIG_FD),
-            (status, stage::STATUS_FD),
-            (start, stage::START_FD),
+            (config, protocol::CONFIG_FD),
+            (status, protocol::STATUS_FD),
+            (start, protocol::START_FD),
         ];
         if let Some(socket) = &self.console_socket {
-            fds.push((socket.as_fd(), stage::CONSOLE_FD));
+            fds.push((socket.as_fd(), protocol::CONSOLE_FD));
         }
         fds
     }

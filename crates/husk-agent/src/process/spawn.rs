@@ -8,10 +8,17 @@
 //! system call) on data the parent prepared, and never allocates, locks or
 //! unwinds. Everything interesting happens after the exec, in the fresh
 //! single-threaded `husk-agent init` process (`container/init.rs`).
+//!
+//! It is one of the agent's two `unsafe` fences (with `sys.rs`): the child
+//! between `clone` and `execve` must make raw system calls on raw pointers
+//! the parent prepared, which no safe wrapper can offer without allocating.
+//! Every block says why it is sound (`// SAFETY:`).
+
+#![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use nix::sched::CloneFlags;
 use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
@@ -56,15 +63,7 @@ pub struct CloneExec<'a> {
 pub fn clone_exec(req: &CloneExec<'_>) -> io::Result<Pid> {
     let mut staged = Vec::with_capacity(req.fds.len());
     for (source, target) in &req.fds {
-        // SAFETY: F_DUPFD_CLOEXEC on a borrowed (so open) descriptor returns a
-        // new descriptor or -1; it touches no memory.
-        let fd =
-            unsafe { libc::fcntl(source.as_raw_fd(), libc::F_DUPFD_CLOEXEC, FIRST_STAGING_FD) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just created by fcntl above and has no other owner.
-        staged.push((unsafe { OwnedFd::from_raw_fd(fd) }, *target));
+        staged.push((sys::dup_cloexec_from(*source, FIRST_STAGING_FD)?, *target));
     }
     let pairs: Vec<(RawFd, RawFd)> = staged
         .iter()
@@ -136,38 +135,56 @@ unsafe fn exec_child(
     for &(source, target) in pairs {
         // dup2 clears close-on-exec on `target`; the staged sources stay
         // close-on-exec and vanish at execve.
-        if libc::dup2(source, target) < 0 {
-            libc::_exit(126);
+        // SAFETY: dup2 and _exit are bare system calls on integers.
+        if unsafe { libc::dup2(source, target) } < 0 {
+            // SAFETY: _exit is a bare system call.
+            unsafe { libc::_exit(126) };
         }
     }
     if death_signal != 0 {
-        libc::prctl(libc::PR_SET_PDEATHSIG, death_signal, 0, 0, 0);
+        // SAFETY: PR_SET_PDEATHSIG takes integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, death_signal, 0, 0, 0) };
     }
     if after.hold_fd >= 0 {
         let mut byte = 0u8;
         loop {
-            let n = libc::read(after.hold_fd, (&mut byte as *mut u8).cast(), 1);
+            // SAFETY: read writes at most one byte through a pointer to
+            // `byte`, which lives on this stack frame across the call.
+            let n = unsafe { libc::read(after.hold_fd, (&mut byte as *mut u8).cast(), 1) };
             if n == 1 {
                 break;
             }
-            if n < 0 && *libc::__errno_location() == libc::EINTR {
+            // SAFETY: __errno_location returns this thread's errno slot,
+            // valid for the life of the thread.
+            if n < 0 && unsafe { *libc::__errno_location() } == libc::EINTR {
                 continue;
             }
             // The agent gave up on this child.
-            libc::_exit(125);
+            // SAFETY: _exit is a bare system call.
+            unsafe { libc::_exit(125) };
         }
-        libc::close(after.hold_fd);
+        // SAFETY: closes the hold descriptor, which nothing in this child
+        // owns (it came from dup2 above).
+        unsafe { libc::close(after.hold_fd) };
     }
     if after.become_userns_root {
         // Raw system calls: glibc's set*id wrappers would try to signal the
         // agent's other threads, which do not exist in this child.
-        if libc::syscall(libc::SYS_setgroups, 0 as libc::c_ulong, 0 as libc::c_ulong) < 0
-            || libc::syscall(libc::SYS_setresgid, 0, 0, 0) < 0
-            || libc::syscall(libc::SYS_setresuid, 0, 0, 0) < 0
-        {
-            libc::_exit(125);
+        // SAFETY: setgroups with a zero count reads no list; setresgid and
+        // setresuid take integers; _exit is a bare system call.
+        unsafe {
+            if libc::syscall(libc::SYS_setgroups, 0 as libc::c_ulong, 0 as libc::c_ulong) < 0
+                || libc::syscall(libc::SYS_setresgid, 0, 0, 0) < 0
+                || libc::syscall(libc::SYS_setresuid, 0, 0, 0) < 0
+            {
+                libc::_exit(125);
+            }
         }
     }
-    libc::execve(program, argv.as_ptr(), envp.as_ptr());
-    libc::_exit(127)
+    // SAFETY: the caller guarantees that `program` is a NUL-terminated
+    // string and `argv` and `envp` null-terminated arrays of such strings,
+    // alive until execve replaces the process image.
+    unsafe { libc::execve(program, argv.as_ptr(), envp.as_ptr()) };
+    // SAFETY: _exit is a bare system call.
+    unsafe { libc::_exit(127) }
 }

@@ -218,7 +218,7 @@ impl FakeAgent {
             });
         }
         if let Some(r) = st.replies.get(name) {
-            return Ok(Answer::Now(r.clone()));
+            return Ok(Answer::Forced(r.clone()));
         }
         let done = Ok(Answer::Now(Reply::Done));
         let get = |st: &mut State, cid: &str| -> Result<(), AgentError> {
@@ -375,6 +375,10 @@ fn deliver(c: &mut FakeContainer, exec_id: &str, sig: i32) {
 
 enum Answer {
     Now(Reply),
+    /// A reply set with [`FakeAgent::reply_with`]: it takes a millisecond,
+    /// as a round trip over the wire would, so an agent that answers every
+    /// read with more data lets time pass rather than spinning the runtime.
+    Forced(Reply),
     Never,
     Exit(watch::Receiver<Option<ExitStatus>>),
     EndWithExit(watch::Receiver<Option<ExitStatus>>),
@@ -388,6 +392,10 @@ impl AgentConn for FakeAgent {
         let work = async {
             match answer {
                 Answer::Now(r) => Ok(r),
+                Answer::Forced(r) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    Ok(r)
+                }
                 Answer::Never => std::future::pending().await,
                 Answer::Exit(mut rx) => {
                     let got = rx.wait_for(Option::is_some).await.map(|s| *s);

@@ -296,4 +296,97 @@ mod tests {
             Err(ApiError::TooLarge(_))
         ));
     }
+
+    /// Whatever a local client sends — valid requests cut or with bytes
+    /// flipped, random bytes, lying lengths — the monitor's reader returns
+    /// a request or an error, and never panics or waits past the end.
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn valid() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                Just(Request::Start),
+                Just(Request::Ps),
+                Just(Request::Pause),
+                (any::<i32>(), any::<bool>(), ".{0,16}").prop_map(|(signal, all, exec_id)| {
+                    Request::Kill {
+                        signal,
+                        all,
+                        exec_id,
+                    }
+                }),
+                (".{0,16}", any::<u16>(), any::<u16>()).prop_map(|(exec_id, rows, cols)| {
+                    Request::Resize {
+                        exec_id,
+                        rows,
+                        cols,
+                    }
+                }),
+                any::<bool>().prop_map(|force| Request::Delete { force }),
+                ".{0,64}".prop_map(|p| Request::Exec {
+                    exec_id: "e1".into(),
+                    process: Box::new(
+                        serde_json::from_value(serde_json::json!({"args": [p], "cwd": "/", "user": {"uid": 0, "gid": 0}}))
+                            .unwrap()
+                    ),
+                    stdio: ExecStdio::ConsoleSocket(PathBuf::from("/tmp/c.sock")),
+                }),
+            ]
+            .prop_map(|r| serde_json::to_vec(&r).unwrap())
+        }
+
+        /// A body and the length the client claims for it.
+        fn framed() -> impl Strategy<Value = (u32, Vec<u8>)> {
+            let mutated = (
+                valid(),
+                prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            )
+                .prop_map(|(mut body, flips)| {
+                    for (at, b) in flips {
+                        if !body.is_empty() {
+                            let i = at.index(body.len());
+                            body[i] = b;
+                        }
+                    }
+                    body
+                });
+            let body = prop_oneof![valid(), mutated, prop::collection::vec(any::<u8>(), 0..512),];
+            (
+                body,
+                prop_oneof![
+                    Just(None),
+                    Just(Some(MAX_FRAME + 1)),
+                    any::<u32>().prop_map(|n| Some(n % 1024))
+                ],
+            )
+                .prop_map(|(body, claimed)| (claimed.unwrap_or(body.len() as u32), body))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn the_reader_takes_any_bytes((claimed, body) in framed()) {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let got = rt.block_on(async {
+                    let (mut server, mut client) = UnixStream::pair().unwrap();
+                    client.write_all(&claimed.to_be_bytes()).await.unwrap();
+                    // The reader may give up early (a length over the limit).
+                    let _ = client.write_all(&body).await;
+                    drop(client);
+                    tokio::time::timeout(std::time::Duration::from_secs(5), read_request(&mut server)).await
+                });
+                let got = got.expect("the reader returns once the client is gone");
+                if claimed > MAX_FRAME {
+                    prop_assert!(matches!(got, Err(ApiError::TooLarge(_))));
+                }
+                if let Ok((req, _)) = got {
+                    // What it accepted is a request it could have been sent.
+                    let again = serde_json::to_vec(&req).unwrap();
+                    prop_assert_eq!(serde_json::from_slice::<Request>(&again).unwrap(), req);
+                }
+            }
+        }
+    }
 }

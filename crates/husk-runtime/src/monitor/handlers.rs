@@ -61,7 +61,16 @@ pub(crate) async fn accept_loop(
 ) {
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((mut stream, _)) => {
+                let peer = stream.peer_cred().map(|c| c.uid());
+                let me = nix::unistd::geteuid().as_raw();
+                if let Err(why) = peer_allowed(peer.ok(), me) {
+                    tracing::warn!("monitor socket: {why}");
+                    tokio::spawn(async move {
+                        let _ = api::write_response(&mut stream, &err(why)).await;
+                    });
+                    continue;
+                }
                 let guard = in_flight.enter();
                 let sandbox = sandbox.clone();
                 tokio::spawn(async move {
@@ -74,6 +83,19 @@ pub(crate) async fn accept_loop(
                 return;
             }
         }
+    }
+}
+
+/// Only this monitor's own user (and root) may drive it: the socket's mode
+/// already says so, and the peer's credentials are checked as well, since
+/// a descriptor of the socket can be passed on.
+fn peer_allowed(peer_uid: Option<u32>, me: u32) -> Result<(), String> {
+    match peer_uid {
+        Some(uid) if uid == me || uid == 0 => Ok(()),
+        Some(uid) => Err(format!(
+            "refused a client of uid {uid}: only uid {me} (and root) may drive this container"
+        )),
+        None => Err("refused a client whose credentials cannot be read".into()),
     }
 }
 
@@ -230,6 +252,15 @@ async fn exec(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_owner_and_root_drive_the_monitor() {
+        assert!(peer_allowed(Some(1000), 1000).is_ok());
+        assert!(peer_allowed(Some(0), 1000).is_ok());
+        let e = peer_allowed(Some(1001), 1000).unwrap_err();
+        assert!(e.contains("uid 1001") && e.contains("only uid 1000"), "{e}");
+        assert!(peer_allowed(None, 0).is_err());
+    }
 
     #[tokio::test]
     async fn drained_waits_for_requests_in_flight() {

@@ -125,6 +125,13 @@ pub async fn serve(
     r
 }
 
+/// Answers monitor API requests for `sandbox` on `listener` until the
+/// listener fails: the CLI's front end of the lifecycle on its own, without
+/// booting or owning anything (what tests of the front ends drive).
+pub async fn serve_api(listener: UnixListener, sandbox: Arc<Sandbox>) {
+    handlers::accept_loop(listener, sandbox, handlers::InFlight::default()).await
+}
+
 /// `e` and its sources, joined by ": ".
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -236,6 +243,8 @@ async fn serve_inner(
         &bundle,
         &opts.agent_log,
         HostPid::Owner,
+        // The CLI is not the CRI path: only the spec's limits size the VM.
+        crate::sizing::Annotations::Ignored,
     )
     .await?;
     let prepared = async {

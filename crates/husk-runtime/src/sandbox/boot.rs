@@ -3,7 +3,9 @@
 //! trait, and the agent's handshake. Returns the [`Parts`] the lifecycle
 //! model ([`super::Sandbox`]) is made of.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tracing::Instrument;
 
 use husk_hypervisor::accel::{self, HostProbe};
 use husk_hypervisor::{Hypervisor, SharedFs, Vm, VmSpec};
@@ -14,6 +16,7 @@ use crate::agent::{AgentClient, TtrpcConn};
 use crate::config::{Config, SharedFsKind};
 use crate::sandbox_dir::SandboxDir;
 use crate::share::Share;
+use crate::timing::TIMING;
 
 /// Boots a VM named `id` whose state lives in `dir`, and waits until its
 /// agent answers. On error everything made so far, `dir` included, is gone.
@@ -73,14 +76,19 @@ pub async fn boot(
         hypervisor_log: dir.hypervisor_log(),
         host_cpus: cfg.hypervisor.host_cpus.clone(),
     };
-    let t0 = Instant::now();
-    let mut vm: Box<dyn Vm> = hv.launch(&spec).await?;
-    let vm_start = t0.elapsed();
-    let conn = TtrpcConn::connect(&dir.agent_socket()).await?;
+    let mut vm: Box<dyn Vm> = hv
+        .launch(&spec)
+        .instrument(tracing::info_span!(target: TIMING, "vm_start"))
+        .await?;
+    let ready = tracing::info_span!(target: TIMING, "agent_ready");
+    let conn = TtrpcConn::connect(&dir.agent_socket())
+        .instrument(ready.clone())
+        .await?;
     let agent = AgentClient::new(std::sync::Arc::new(conn));
     let boot_timeout = Duration::from_secs(cfg.agent.boot_timeout_secs);
+    let handshake = agent.handshake(boot_timeout).instrument(ready);
     let info = tokio::select! {
-        r = agent.handshake(boot_timeout) => match r {
+        r = handshake => match r {
             Ok(info) => info,
             Err(e) => {
                 let console = console_tail(&dir);
@@ -93,9 +101,6 @@ pub async fn boot(
         }
     };
     tracing::info!(
-        target: "husk_timing",
-        vm_start_ms = vm_start.as_secs_f64() * 1e3,
-        agent_ready_ms = (t0.elapsed() - vm_start).as_secs_f64() * 1e3,
         accel = %choice.accel,
         shared_fs = shared_fs.driver(),
         kernel = %info.kernel_release,
@@ -177,6 +182,7 @@ impl super::Sandbox {
     /// name, bundle `owner`), sized from the owner's spec; this process is
     /// recorded as the sandbox's owner. On error nothing of it remains.
     #[allow(clippy::too_many_arguments)]
+    #[tracing::instrument(target = "husk_timing", name = "pod_boot", skip_all, fields(sandbox = id))]
     pub async fn launch(
         cfg: &Config,
         hv: &dyn Hypervisor,
@@ -186,8 +192,10 @@ impl super::Sandbox {
         owner: &crate::bundle::Bundle,
         agent_log: &str,
         host_pid: super::HostPid,
+        annotations: crate::sizing::Annotations,
     ) -> Result<std::sync::Arc<super::Sandbox>, SandboxError> {
-        let sized = crate::sizing::vm_config(cfg, &owner.spec, &crate::sizing::Host::probe())
+        let host = crate::sizing::Host::probe();
+        let sized = crate::sizing::vm_config(cfg, &owner.spec, &host, annotations)
             .map_err(SandboxError::Sizing)?;
         let me = std::process::id() as i32;
         let record = crate::state::ContainerState {
@@ -212,11 +220,8 @@ impl super::Sandbox {
         };
         // A failed save leaves `dir` to its Drop, which removes it.
         record.save(dir.path())?;
-        let t0 = Instant::now();
         let parts = boot(&sized, hv, probe, dir, id, agent_log).await?;
         tracing::info!(
-            target: "husk_timing",
-            boot_ms = t0.elapsed().as_secs_f64() * 1e3,
             vcpus = sized.hypervisor.vcpus,
             memory_mib = sized.hypervisor.memory_mib,
             "sandbox booted"

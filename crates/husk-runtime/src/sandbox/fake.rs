@@ -131,15 +131,20 @@ pub struct FakeSandbox {
 }
 
 pub fn sandbox(root: &std::path::Path, id: &str) -> FakeSandbox {
+    sandbox_in(SandboxDir::create(root, id).expect("state dir"), id, root)
+}
+
+/// A sandbox `id` made of fakes in the state dir `dir`, its owner's bundle
+/// at `bundle`.
+pub fn sandbox_in(dir: SandboxDir, id: &str, bundle: &std::path::Path) -> FakeSandbox {
     let agent = FakeAgent::new();
     let (vm, ctl) = FakeVm::new();
     let share = FakeShare::default();
-    let dir = SandboxDir::create(root, id).expect("state dir");
     let me = std::process::id() as i32;
     let record = ContainerState {
         id: id.to_string(),
-        bundle: root.to_path_buf(),
-        rootfs: root.join("rootfs"),
+        bundle: bundle.to_path_buf(),
+        rootfs: bundle.join("rootfs"),
         status: crate::status::Status::Creating,
         pid: me,
         pid_start_time: crate::state::process_start_time(me).unwrap_or(0),

@@ -21,6 +21,8 @@ mod boot;
 mod container;
 pub mod fake;
 #[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod tests;
 pub mod vm;
 
@@ -28,13 +30,14 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use husk_hypervisor::{Vm, VmExit};
 use husk_protocol::{GUEST_SHARE_DIR, SHARE_TAG};
 use oci_spec::runtime::Hooks;
 use tokio::io::AsyncWrite;
 use tokio::sync::{broadcast, watch};
+use tracing::Instrument;
 
 pub use boot::boot;
 pub use container::Exit;
@@ -427,6 +430,7 @@ impl Sandbox {
     /// agent build container `cid` (its init held before exec), wires the
     /// init's stdio and runs the createRuntime hooks. On error nothing of
     /// the container is left.
+    #[tracing::instrument(target = "husk_timing", name = "create", skip_all, fields(container = cid))]
     pub async fn create(
         self: &Arc<Self>,
         cid: &str,
@@ -435,7 +439,6 @@ impl Sandbox {
     ) -> Result<(), SandboxError> {
         validate_id(cid)?;
         self.alive()?;
-        let t0 = Instant::now();
         let hooks = bundle.spec.hooks().clone().unwrap_or_default();
         {
             let mut map = self.lock();
@@ -459,11 +462,6 @@ impl Sandbox {
             return r;
         }
         self.set_status(cid, Status::Created);
-        tracing::info!(
-            target: "husk_timing",
-            create_ms = t0.elapsed().as_secs_f64() * 1e3,
-            "container created"
-        );
         Ok(())
     }
 
@@ -608,8 +606,8 @@ impl Sandbox {
     }
 
     /// Releases the container's init; runs the poststart hooks.
+    #[tracing::instrument(target = "husk_timing", name = "start", skip_all, fields(container = cid))]
     pub async fn start(&self, cid: &str) -> Result<(), SandboxError> {
-        let t0 = Instant::now();
         self.with(cid, |c| {
             if c.status.can_start() && !c.starting {
                 c.starting = true;
@@ -645,7 +643,6 @@ impl Sandbox {
         if !hooks.is_empty() {
             hooks::run_logged("poststart", &hooks, &self.oci_state(cid)?).await;
         }
-        tracing::info!(target: "husk_timing", start_ms = t0.elapsed().as_secs_f64() * 1e3, "container running");
         Ok(())
     }
 
@@ -881,7 +878,12 @@ impl Sandbox {
             let _ = rx.wait_for(|s| *s == 2).await;
             return;
         }
-        let t0 = Instant::now();
+        let span =
+            tracing::info_span!(target: crate::timing::TIMING, "teardown", sandbox = %self.id);
+        self.teardown_once(keep_state).instrument(span).await
+    }
+
+    async fn teardown_once(&self, keep_state: bool) {
         let members: Vec<String> = self.container_ids();
         for m in &members {
             let relays = self.with(m, |c| c.take_relays()).unwrap_or_default();
@@ -934,7 +936,6 @@ impl Sandbox {
             d.remove();
         }
         self.torn_down.send_replace(2);
-        tracing::info!(target: "husk_timing", teardown_ms = t0.elapsed().as_secs_f64() * 1e3, "sandbox removed");
     }
 
     pub async fn ps(&self, cid: &str) -> Result<Vec<ProcessInfo>, SandboxError> {

@@ -5,12 +5,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use containerd_shim::api::{CreateTaskRequest, DeleteResponse};
-use husk_hypervisor::qemu::Qemu;
-use husk_hypervisor::SystemProbe;
 use husk_runtime::bundle::Bundle;
 use husk_runtime::monitor::error_chain;
 use husk_runtime::pod::{self, Membership};
-use husk_runtime::sandbox::{Exit, HostPid, Sandbox};
+use husk_runtime::sandbox::Exit;
 use husk_runtime::sandbox_dir::SandboxDir;
 
 use super::forward::forward_events;
@@ -61,18 +59,11 @@ impl TaskService {
                 };
                 let dir = SandboxDir::create(&inner.root, cid)
                     .map_err(|e| error::failed_precondition(error_chain(&e)))?;
-                let sandbox = Sandbox::launch(
-                    &cfg,
-                    &Qemu,
-                    &SystemProbe,
-                    dir,
-                    cid,
-                    &bundle,
-                    &agent_log,
-                    HostPid::Vm,
-                )
-                .await
-                .map_err(|e| error::sandbox(&e))?;
+                let sandbox = inner
+                    .launcher
+                    .launch(&cfg, dir, cid, &bundle, &agent_log)
+                    .await
+                    .map_err(|e| error::sandbox(&e))?;
                 inner.lock().sandbox = Some(sandbox.clone());
                 forward_events(inner.clone(), &sandbox);
                 (sandbox, true)

@@ -11,7 +11,10 @@
 //! lives exactly as long as the pod's VM. `Pids` lists the guest's pids.
 
 mod forward;
+mod launch;
 mod lifecycle;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -39,6 +42,8 @@ use crate::events::{self, topics, Events};
 use crate::io::StdioPaths;
 use crate::{metrics, rootfs};
 
+pub use launch::{Launch, QemuLaunch};
+
 #[derive(Default)]
 struct Tasks {
     sandbox: Option<Arc<Sandbox>>,
@@ -56,6 +61,7 @@ struct Inner {
     debug: bool,
     events: Events,
     exit: Arc<ExitSignal>,
+    launcher: Box<dyn Launch>,
     tasks: Mutex<Tasks>,
 }
 
@@ -100,6 +106,7 @@ impl TaskService {
         debug: bool,
         events: Events,
         exit: Arc<ExitSignal>,
+        launcher: Box<dyn Launch>,
     ) -> TaskService {
         TaskService {
             inner: Arc::new(Inner {
@@ -108,6 +115,7 @@ impl TaskService {
                 debug,
                 events,
                 exit,
+                launcher,
                 tasks: Mutex::new(Tasks::default()),
             }),
         }
