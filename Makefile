@@ -9,10 +9,12 @@ HUSK_CACHE ?= /var/cache/husk
 export HUSK_CACHE
 GUEST_DIR := target/guest
 AGENT_TARGET := x86_64-unknown-linux-gnu
-AGENT_BIN := target/$(AGENT_TARGET)/release/husk-agent
+# cargo's output directory: target/, or wherever CARGO_TARGET_DIR puts it
+TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
+AGENT_BIN := $(TARGET_DIR)/$(AGENT_TARGET)/release/husk-agent
 PREFIX ?= /usr/local
 
-.PHONY: all setup build agent kernel initrd guest install demo test test-unit test-e2e bench conformance lint clean-cache
+.PHONY: all setup build agent kernel initrd guest install demo test test-unit test-root test-e2e bench conformance lint clean-cache
 
 all: build guest
 
@@ -45,8 +47,8 @@ guest: kernel initrd
 
 ## install: husk to $(PREFIX)/bin, the guest to $(PREFIX)/share/husk (the config defaults)
 install: build guest
-	install -D -m 0755 target/release/husk $(PREFIX)/bin/husk
-	install -D -m 0755 target/release/containerd-shim-husk-v2 $(PREFIX)/bin/containerd-shim-husk-v2
+	install -D -m 0755 $(TARGET_DIR)/release/husk $(PREFIX)/bin/husk
+	install -D -m 0755 $(TARGET_DIR)/release/containerd-shim-husk-v2 $(PREFIX)/bin/containerd-shim-husk-v2
 	install -D -m 0644 $(GUEST_DIR)/vmlinux $(PREFIX)/share/husk/vmlinux
 	install -D -m 0644 $(GUEST_DIR)/vmlinux.release $(PREFIX)/share/husk/vmlinux.release
 	install -D -m 0644 $(GUEST_DIR)/initrd.img $(PREFIX)/share/husk/initrd.img
@@ -59,33 +61,38 @@ demo: setup install
 	@echo "host kernel:                  $$(uname -sr)"
 	@echo "kernel in the husk container: $$($(PREFIX)/bin/husk run --bundle $(DEMO_BUNDLE) husk-demo-$$$$)"
 
-## lint: rustfmt and clippy, warnings are errors
+## lint: rustfmt and clippy, warnings are errors; --all-features lints the
+## gated root and VM tests too
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets --all-features -- -D warnings
 
-## test-unit: unit tests and the agent-as-a-process tests (root, no VM)
+## test-unit: unit tests; no privileges, no VM (docs/testing.md)
 test-unit:
 	cargo test --workspace --exclude husk-e2e
 
+## test-root: the tests that need root but no VM: the agent as a process
+test-root:
+	cargo test -p husk-agent --features root-tests --tests
+
 ## test-e2e: real VMs under QEMU (root)
 test-e2e: build guest
-	HUSK_BIN=$(CURDIR)/target/release/husk HUSK_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) \
-	  HUSK_SHIM_BIN=$(CURDIR)/target/release/containerd-shim-husk-v2 \
-	  cargo test -p husk-e2e -- --test-threads=2
+	HUSK_BIN=$(TARGET_DIR)/release/husk HUSK_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) \
+	  HUSK_SHIM_BIN=$(TARGET_DIR)/release/containerd-shim-husk-v2 \
+	  cargo test -p husk-e2e --features vm-tests -- --test-threads=2
 
 ## test: every layer this machine can run
-test: setup lint test-unit test-e2e
+test: setup lint test-unit test-root test-e2e
 
 ## bench: husk run vs runc run, same bundle, same run; prints ratios
 bench: build guest
-	HUSK_BIN=$(CURDIR)/target/release/husk HUSK_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) \
-	  HUSK_SHIM_BIN=$(CURDIR)/target/release/containerd-shim-husk-v2 \
-	  cargo bench -p husk-e2e --benches
+	HUSK_BIN=$(TARGET_DIR)/release/husk HUSK_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) \
+	  HUSK_SHIM_BIN=$(TARGET_DIR)/release/containerd-shim-husk-v2 \
+	  cargo bench -p husk-e2e --features vm-tests --benches
 
 ## conformance: OCI runtime-tools validation, husk vs runc, same run (docs/conformance.md)
 conformance: build guest
-	HUSK_BIN=$(CURDIR)/target/release/husk HUSK_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) scripts/conformance.sh
+	HUSK_BIN=$(TARGET_DIR)/release/husk HUSK_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) scripts/conformance.sh
 
 clean-cache:
 	rm -rf $(HUSK_CACHE)/kernel

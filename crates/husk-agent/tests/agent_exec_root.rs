@@ -342,8 +342,8 @@ async fn root_ps_and_signal_all_with_cgroups() {
     // Four processes, and the shell's two children past their exec (a
     // child forked but not yet exec'd still shows the shell's command).
     support::wait_until(
-        "both sleeps to run",
         std::time::Duration::from_secs(10),
+        "both sleeps to run",
         || {
             let procs =
                 std::fs::read_to_string(cgroups.0.join("ps/cgroup.procs")).unwrap_or_default();

@@ -625,8 +625,8 @@ async fn root_orphans_are_reaped() {
     // The background sleeps die with their PID namespace and nothing stays
     // behind as a zombie of the agent.
     support::wait_until(
-        "the agent to have no children",
         Duration::from_secs(10),
+        "the agent to have no children",
         || support::children_of(agent.pid()).is_empty(),
     );
     agent.stop();

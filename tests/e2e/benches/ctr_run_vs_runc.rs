@@ -52,6 +52,7 @@ fn row(label: &str, s: &Stats) {
 }
 
 fn main() {
+    let _leaks = husk_e2e::LeakGuard::named("ctr_run_vs_runc");
     // `cargo bench` passes --bench; nothing else is accepted.
     let runs: usize = std::env::var("BENCH_RUNS")
         .ok()

@@ -24,6 +24,7 @@ fn run(p: &Podman, runtime: Runtime) -> f64 {
 }
 
 fn main() {
+    let _leaks = husk_e2e::LeakGuard::named("podman_run_vs_runc");
     // `cargo bench` passes --bench; nothing else is accepted.
     let runs: usize = std::env::var("BENCH_RUNS")
         .ok()

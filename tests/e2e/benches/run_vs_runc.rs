@@ -37,6 +37,7 @@ fn phases(log: &Path) -> Vec<(String, f64)> {
 }
 
 fn main() {
+    let _leaks = husk_e2e::LeakGuard::named("run_vs_runc");
     // `cargo bench` passes --bench; nothing else is accepted.
     let runs: usize = std::env::var("BENCH_RUNS")
         .ok()

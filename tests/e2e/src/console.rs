@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 
-use crate::wait_until;
+use crate::try_wait_until;
 
 pub struct ConsoleSocket {
     listener: UnixListener,
@@ -37,14 +37,15 @@ impl ConsoleSocket {
     /// Waits for the runtime to connect and send the master.
     pub fn receive(&self, timeout: Duration) -> Received {
         let mut conn = None;
-        let accepted = wait_until(timeout, || match self.listener.accept() {
+        let accepted = try_wait_until(timeout, || match self.listener.accept() {
             Ok((c, _)) => {
                 conn = Some(c);
                 true
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
             Err(e) => panic!("console socket accept: {e}"),
-        });
+        })
+        .is_some();
         assert!(
             accepted,
             "nothing connected to the console socket in {timeout:?}"

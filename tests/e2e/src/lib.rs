@@ -9,6 +9,10 @@
 //!
 //! A missing prerequisite fails the test with a message that says how to
 //! get it; nothing is skipped.
+//!
+//! The generic helpers (wait_until, TempDir, Bundle, LeakGuard) live in
+//! `husk-testutil` and are re-exported here. Every test starts with
+//! `let _leaks = LeakGuard::new();`: [`Env`] refuses to start without one.
 
 pub mod bench;
 pub mod containerd;
@@ -16,10 +20,13 @@ pub mod containerd;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::{json, Value};
+pub use husk_testutil::leak::{self, LeakGuard};
+pub use husk_testutil::{
+    busybox_rootfs, default_spec, mount_points, mounts_under, try_wait_until, wait_until, Bundle,
+    TempDir,
+};
 
 pub mod console;
 pub mod podman;
@@ -68,68 +75,9 @@ pub fn guest_release() -> String {
         .to_string()
 }
 
+#[track_caller]
 pub fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "end-to-end tests need root (they boot VMs and mount): run them as root"
-    );
-}
-
-/// Polls `cond` every 20 ms until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return true;
-        }
-        if start.elapsed() > timeout {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// A unique scratch directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!("husk-e2e-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        // Never cross into a mount that a failed test may have left.
-        if !mounts_under(&self.0).is_empty() {
-            eprintln!(
-                "not removing {}: something is still mounted below it",
-                self.0.display()
-            );
-            return;
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Mount points (in this mount namespace) at or below `dir`.
-pub fn mounts_under(dir: &Path) -> Vec<String> {
-    let d = dir.to_string_lossy().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .filter(|m| m == &d || m.starts_with(&format!("{d}/")))
-        .collect()
+    husk_testutil::require_root("end-to-end tests (they boot VMs and mount)");
 }
 
 /// Pids of processes whose command line mentions `needle`.
@@ -154,7 +102,8 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     out
 }
 
-/// A state root for one test (`husk --root`), checked for leaks on demand.
+/// A state root for one test (`husk --root`), in a temp dir the test's
+/// [`LeakGuard`] watches and whose state root it owns.
 pub struct Env {
     pub dir: TempDir,
     pub config: PathBuf,
@@ -177,7 +126,7 @@ impl Drop for Env {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-        wait_until(Duration::from_secs(10), || {
+        try_wait_until(Duration::from_secs(10), || {
             processes_mentioning(&needle).is_empty()
         });
     }
@@ -199,6 +148,7 @@ impl Env {
     /// An environment whose config the caller may edit (a TOML table).
     pub fn with(tag: &str, share: Share, edit: impl FnOnce(&mut toml_edit::Table)) -> Env {
         require_root();
+        leak::require_guard();
         let dir = TempDir::new(tag);
         let g = guest_dir();
         let mut hv = toml_edit::Table::new();
@@ -226,6 +176,7 @@ impl Env {
         let config = dir.path().join("config.toml");
         std::fs::write(&config, doc.to_string()).unwrap();
         std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        leak::own(&dir.path().join("state"));
         Env { dir, config }
     }
 
@@ -250,20 +201,12 @@ impl Env {
         run_with_input(c, stdin, Duration::from_secs(120))
     }
 
-    /// Fails the test if anything of this environment is left: processes
-    /// naming its directory (QEMU, virtiofsd, husk), mounts under it, or
-    /// entries in its state root.
+    /// Fails the test if anything of this environment is left (through
+    /// the test's [`LeakGuard`]): processes naming its directory (QEMU,
+    /// virtiofsd, husk), mounts naming it, entries in its state root.
+    #[track_caller]
     pub fn assert_no_leaks(&self) {
-        let needle = self.dir.path().to_string_lossy().to_string();
-        assert_nothing_left(&Leftovers {
-            needles: vec![needle],
-            mount_roots: vec![self.dir.path().to_path_buf()],
-            ..Leftovers::default()
-        });
-        let left: Vec<_> = std::fs::read_dir(self.root())
-            .map(|r| r.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        assert!(left.is_empty(), "state left behind: {left:?}");
+        leak::assert_clean(EXIT_GRACE);
     }
 
     /// `<root>/<id>`: the state dir of container `id`.
@@ -275,57 +218,21 @@ impl Env {
 /// husk's state root when no `--root` is given. podman's cleanup process
 /// (conmon's exit command) runs the runtime without the `--runtime-flag`s,
 /// so containers run by podman must live here.
-pub const DEFAULT_STATE_ROOT: &str = "/run/husk";
-
-/// What a test must not leave behind.
-#[derive(Debug, Default, Clone)]
-pub struct Leftovers {
-    /// No process may name any of these on its command line (a test's
-    /// temp dir, a container id: QEMU, virtiofsd and the monitor all name
-    /// the container's state dir), and no mount point may contain them.
-    pub needles: Vec<String>,
-    /// Nothing may be mounted at or below these.
-    pub mount_roots: Vec<PathBuf>,
-    /// These must not exist (state dirs).
-    pub absent: Vec<PathBuf>,
-}
+pub const DEFAULT_STATE_ROOT: &str = leak::HUSK_STATE_ROOT;
 
 /// How long processes may take to go after a test's last command (QEMU's
 /// shutdown, podman's cleanup process started by conmon).
 pub const EXIT_GRACE: Duration = Duration::from_secs(30);
 
-/// Fails unless nothing of `what` is left: no process, no mount, no path.
-pub fn assert_nothing_left(what: &Leftovers) {
-    let procs = || -> Vec<(u32, String)> {
-        what.needles
-            .iter()
-            .flat_map(|n| processes_mentioning(n))
-            .collect()
-    };
-    let gone = wait_until(EXIT_GRACE, || procs().is_empty());
-    assert!(gone, "processes left behind: {:?}", procs());
-    let mut mounts: Vec<String> = what
-        .mount_roots
-        .iter()
-        .flat_map(|d| mounts_under(d))
-        .collect();
-    mounts.extend(
-        mount_points()
-            .into_iter()
-            .filter(|m| what.needles.iter().any(|n| m.contains(n.as_str()))),
-    );
-    assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
-    let left: Vec<_> = what.absent.iter().filter(|p| p.exists()).collect();
-    assert!(left.is_empty(), "state left behind: {left:?}");
-}
-
-/// Every mount point in this mount namespace.
-pub fn mount_points() -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .collect()
+/// Fails unless nothing the test's [`LeakGuard`] watches is left, after
+/// also watching `needles` (container ids made by podman, whose state
+/// lives in the shared `/run/husk`).
+#[track_caller]
+pub fn assert_nothing_left(needles: &[String]) {
+    for n in needles {
+        leak::watch(n.clone());
+    }
+    leak::assert_clean(EXIT_GRACE);
 }
 
 /// Runs `cmd` without input, capturing its output; kills it after `timeout`.
@@ -349,17 +256,12 @@ pub fn become_subreaper() {
 pub fn wait_exit_status(pid: i32, timeout: Duration) -> Option<i32> {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     let pid = nix::unistd::Pid::from_raw(pid);
-    let mut status = None;
-    wait_until(timeout, || {
-        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, code)) => status = Some(code),
-            Ok(WaitStatus::Signaled(_, sig, _)) => status = Some(128 + sig as i32),
-            Ok(_) => return false,
-            Err(e) => panic!("waitpid({pid}): {e}: not a child of the test process"),
-        }
-        true
-    });
-    status
+    try_wait_until(timeout, || match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::Exited(_, code)) => Some(code),
+        Ok(WaitStatus::Signaled(_, sig, _)) => Some(128 + sig as i32),
+        Ok(_) => None,
+        Err(e) => panic!("waitpid({pid}): {e}: not a child of the test process"),
+    })
 }
 
 /// Whether `pid` is a live process (a zombie is not).
@@ -404,87 +306,6 @@ pub fn run_with_input(mut cmd: Command, input: &[u8], timeout: Duration) -> Outp
     }
     let _ = writer.join();
     waiter.join().unwrap().expect("wait for husk")
-}
-
-/// Fills `rootfs` with a busybox-static root filesystem: `/bin/busybox`,
-/// a symlink per applet, and the usual empty directories (as
-/// `scripts/busybox-bundle.sh` does).
-pub fn busybox_rootfs(rootfs: &Path) {
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root", "home"] {
-        std::fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    let bb = Path::new("/bin/busybox");
-    assert!(
-        bb.is_file(),
-        "/bin/busybox not found: install busybox-static (make setup)"
-    );
-    std::fs::copy(bb, rootfs.join("bin/busybox")).unwrap();
-    let list = Command::new(bb).arg("--list").output().unwrap();
-    for name in String::from_utf8_lossy(&list.stdout).lines() {
-        if name != "busybox" {
-            let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(name));
-        }
-    }
-    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    std::fs::write(rootfs.join("etc/group"), "root:x:0:\n").unwrap();
-}
-
-/// A busybox bundle in a temp dir.
-pub struct Bundle {
-    dir: TempDir,
-    pub spec: Value,
-}
-
-impl Bundle {
-    /// A busybox-static rootfs and a runc-like default spec running `args`.
-    pub fn busybox(args: &[&str]) -> Bundle {
-        let dir = TempDir::new("bundle");
-        busybox_rootfs(&dir.path().join("rootfs"));
-        let spec = json!({
-            "ociVersion": "1.0.2",
-            "process": {
-                "terminal": false,
-                "user": {"uid": 0, "gid": 0},
-                "args": args,
-                "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
-                "cwd": "/",
-                "noNewPrivileges": true
-            },
-            "root": {"path": "rootfs", "readonly": false},
-            "hostname": "husk",
-            "mounts": [
-                {"destination": "/proc", "type": "proc", "source": "proc"},
-                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-                {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-                {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-                {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-                {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}
-            ],
-            "linux": {
-                "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
-            }
-        });
-        let b = Bundle { dir, spec };
-        b.save();
-        b
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    pub fn rootfs(&self) -> PathBuf {
-        self.dir.path().join("rootfs")
-    }
-
-    /// Writes `spec` to config.json (call after editing it).
-    pub fn save(&self) {
-        std::fs::write(
-            self.dir.path().join("config.json"),
-            serde_json::to_vec_pretty(&self.spec).unwrap(),
-        )
-        .unwrap();
-    }
 }
 
 pub fn stdout(o: &Output) -> String {
@@ -541,21 +362,17 @@ pub fn run_to_files(mut cmd: Command, prefix: &Path, timeout: Duration) -> Outpu
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {program:?}: {e}"));
-    let mut status = None;
-    let done = wait_until(timeout, || {
-        status = child.try_wait().unwrap();
-        status.is_some()
-    });
-    if !done {
+    let done = try_wait_until(timeout, || child.try_wait().unwrap());
+    let Some(status) = done else {
         let _ = child.kill();
         panic!("{program:?} did not finish within {timeout:?}");
-    }
+    };
     let read = |ext: &str, from: u64| {
         let all = std::fs::read(path(ext)).unwrap_or_default();
         all[(from as usize).min(all.len())..].to_vec()
     };
     Output {
-        status: status.unwrap(),
+        status,
         stdout: read("out", out0),
         stderr: read("err", err0),
     }

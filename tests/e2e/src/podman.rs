@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use crate::{
     assert_exit, assert_nothing_left, busybox_rootfs, guest_dir, husk_bin, require_root,
-    run_timeout, run_with_input, stderr, Leftovers, TempDir, DEFAULT_STATE_ROOT,
+    run_timeout, run_with_input, stderr, TempDir, DEFAULT_STATE_ROOT,
 };
 
 /// The image every test runs.
@@ -196,6 +196,9 @@ impl Podman {
             return None;
         }
         self.ids.lock().unwrap().push(id.clone());
+        // Its state lives in the shared /run/husk: the test's guard
+        // watches the id.
+        crate::leak::watch(id.clone());
         Some(id)
     }
 
@@ -236,11 +239,9 @@ impl Podman {
     /// Fails unless container `id` left nothing: no process naming it (its
     /// monitor, QEMU, virtiofsd, conmon), no mount, no state dir.
     pub fn assert_container_gone(&self, id: &str) {
-        assert_nothing_left(&Leftovers {
-            needles: vec![id.to_string()],
-            mount_roots: Vec::new(),
-            absent: vec![Self::state_dir(id)],
-        });
+        assert_nothing_left(&[id.to_string()]);
+        let dir = Self::state_dir(id);
+        assert!(!dir.exists(), "state left behind: {}", dir.display());
     }
 
     /// Removes every container and image of this setup, then fails unless
@@ -251,14 +252,9 @@ impl Podman {
         assert_exit(&rm, 0);
         let rmi = self.cmd(&["rmi", "--all", "--force"]);
         assert_exit(&rmi, 0);
-        let ids = self.ids();
-        let mut needles = ids.clone();
-        needles.push(self.dir().to_string_lossy().into_owned());
-        assert_nothing_left(&Leftovers {
-            needles,
-            mount_roots: vec![self.dir().to_path_buf()],
-            absent: ids.iter().map(|id| Self::state_dir(id)).collect(),
-        });
+        // Run on the suite's guard: it watches this setup's directory
+        // (made under it) and now every container of every case.
+        assert_nothing_left(&self.ids());
     }
 }
 

@@ -3,59 +3,10 @@
 //! record what they were given, and normalizing what the container printed.
 
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::{json, Value};
 
-use crate::{repo_root, Bundle};
-
-impl Bundle {
-    /// Sets `linux.resources` to `resources`.
-    pub fn set_resources(&mut self, resources: Value) {
-        self.spec["linux"]["resources"] = resources;
-    }
-
-    /// Adds a namespace of `kind` (`cgroup`, `user`, ...) to `linux.namespaces`.
-    pub fn add_namespace(&mut self, kind: &str) {
-        self.spec["linux"]["namespaces"]
-            .as_array_mut()
-            .expect("linux.namespaces is a list")
-            .push(json!({ "type": kind }));
-    }
-
-    /// Appends `mount` to `mounts`.
-    pub fn add_mount(&mut self, mount: Value) {
-        self.spec["mounts"]
-            .as_array_mut()
-            .expect("mounts is a list")
-            .push(mount);
-    }
-
-    /// The same capability list in the bounding, effective and permitted
-    /// sets (inheritable and ambient empty).
-    pub fn set_capabilities(&mut self, caps: &[&str]) {
-        self.spec["process"]["capabilities"] = json!({
-            "bounding": caps, "effective": caps, "permitted": caps
-        });
-    }
-
-    /// A user namespace mapping ids 0.. of the container to `host_id`..
-    /// (`size` of them), with the rootfs owned by the mapped root, as podman
-    /// arranges it (`chown -R -h`).
-    pub fn map_root_to(&mut self, host_id: u32, size: u32) {
-        let owner = format!("{host_id}:{host_id}");
-        let status = Command::new("chown")
-            .args(["-R", "-h", &owner])
-            .arg(self.rootfs())
-            .status()
-            .expect("run chown");
-        assert!(status.success(), "chown -R -h {owner} of the rootfs failed");
-        self.add_namespace("user");
-        let map = json!([{ "containerID": 0, "hostID": host_id, "size": size }]);
-        self.spec["linux"]["uidMappings"] = map.clone();
-        self.spec["linux"]["gidMappings"] = map;
-    }
-}
+use crate::repo_root;
 
 /// The seccomp profile podman generates by default (the agent's test data).
 pub fn podman_seccomp_profile() -> Value {

@@ -5,6 +5,7 @@ use husk_e2e::*;
 
 #[test]
 fn root_missing_bundle() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("nobundle");
     let o = env
         .husk()
@@ -17,6 +18,7 @@ fn root_missing_bundle() {
 
 #[test]
 fn root_malformed_config_json() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("badjson");
     let b = Bundle::busybox(&["true"]);
     std::fs::write(b.dir().join("config.json"), "{ \"ociVersion\": ").unwrap();
@@ -34,6 +36,7 @@ fn root_malformed_config_json() {
 
 #[test]
 fn root_invalid_id() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("badid");
     let b = Bundle::busybox(&["true"]);
     let o = env
@@ -50,6 +53,7 @@ fn root_invalid_id() {
 
 #[test]
 fn root_missing_kernel() {
+    let _leaks = LeakGuard::new();
     let env = Env::with("nokernel", Share::Auto, |t| {
         t["hypervisor"]["kernel"] = toml_edit::value("/nonexistent/vmlinux");
     });
@@ -68,6 +72,7 @@ fn root_missing_kernel() {
 
 #[test]
 fn root_missing_qemu() {
+    let _leaks = LeakGuard::new();
     let env = Env::with("noqemu", Share::Auto, |t| {
         t["hypervisor"]["path"] = toml_edit::value("/nonexistent/qemu-system-x86_64");
     });
@@ -86,6 +91,7 @@ fn root_missing_qemu() {
 
 #[test]
 fn root_missing_config_file() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("noconfig");
     let b = Bundle::busybox(&["true"]);
     let o = std::process::Command::new(husk_bin())

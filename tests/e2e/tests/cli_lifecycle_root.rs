@@ -81,15 +81,16 @@ fn status(env: &Env, id: &str) -> String {
 
 fn wait_status(env: &Env, id: &str, want: &str) {
     let mut last = String::new();
-    let ok = wait_until(T, || {
+    let ok = try_wait_until(T, || {
         last = status(env, id);
         last == want
-    });
+    })
+    .is_some();
     assert!(ok, "container {id} is {last}, expected {want}");
 }
 
 fn wait_output(env: &Env, id: &str, needle: &str) {
-    let ok = wait_until(T, || container_output(env, id).contains(needle));
+    let ok = try_wait_until(T, || container_output(env, id).contains(needle)).is_some();
     assert!(
         ok,
         "{needle:?} not in the output of {id}: {:?}",
@@ -116,6 +117,7 @@ fn term_42() -> Bundle {
 
 #[test]
 fn vm_create_start_state_kill_delete() {
+    let _leaks = LeakGuard::new();
     become_subreaper();
     let env = Env::new("lifecycle");
     let b = term_42();
@@ -164,6 +166,7 @@ fn vm_create_start_state_kill_delete() {
 
 #[test]
 fn vm_create_with_a_terminal_through_the_console_socket() {
+    let _leaks = LeakGuard::new();
     become_subreaper();
     let env = Env::new("tty");
     let mut b = Bundle::busybox(&[
@@ -207,6 +210,7 @@ fn vm_create_with_a_terminal_through_the_console_socket() {
 
 #[test]
 fn vm_delete_of_a_created_container() {
+    let _leaks = LeakGuard::new();
     become_subreaper();
     let env = Env::new("delcreated");
     let b = term_42();
@@ -227,6 +231,7 @@ fn vm_delete_of_a_created_container() {
 
 #[test]
 fn vm_exec_ps_pause_resume_events() {
+    let _leaks = LeakGuard::new();
     become_subreaper();
     let env = Env::new("exec");
     let b = term_42();
@@ -363,6 +368,7 @@ fn vm_exec_ps_pause_resume_events() {
 
 #[test]
 fn vm_list_table_json_quiet() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("list");
     let b = term_42();
     assert_exit(&create(&env, &b, "list-b", None), 0);
@@ -439,6 +445,7 @@ fn snapshot(env: &Env) -> Value {
 
 #[test]
 fn vm_errors_are_one_clear_line_and_change_nothing() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("errors");
     let b = term_42();
     let log = env.dir.path().join("husk-log.json");
@@ -553,6 +560,7 @@ fn vm_errors_are_one_clear_line_and_change_nothing() {
 
 #[test]
 fn vm_killed_monitor_is_stopped_and_delete_cleans_up() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("monkill");
     let b = term_42();
     run_detached(&env, &b, "m");
@@ -564,7 +572,7 @@ fn vm_killed_monitor_is_stopped_and_delete_cleans_up() {
     // QEMU and virtiofsd die with their monitor.
     let needle = dir.to_string_lossy().to_string();
     assert!(
-        wait_until(EXIT_GRACE, || processes_mentioning(&needle).is_empty()),
+        try_wait_until(EXIT_GRACE, || processes_mentioning(&needle).is_empty()).is_some(),
         "the VM outlived its monitor: {:?}",
         processes_mentioning(&needle)
     );
@@ -590,6 +598,7 @@ fn hold_lock(dir: &Path) -> Flock<File> {
 
 #[test]
 fn vm_verbs_on_one_container_are_serialized_others_run_in_parallel() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("locks");
     let b = term_42();
     run_detached(&env, &b, "a");
@@ -601,7 +610,7 @@ fn vm_verbs_on_one_container_are_serialized_others_run_in_parallel() {
     c.args(["state", "a"]);
     let waiting = std::thread::spawn(move || run_timeout(c, T));
     assert!(
-        !wait_until(Duration::from_secs(1), || waiting.is_finished()),
+        try_wait_until(Duration::from_secs(1), || waiting.is_finished()).is_none(),
         "`state a` ran while another verb held a's lock"
     );
     assert_eq!(status(&env, "b"), "created");
@@ -674,6 +683,7 @@ fn poststop_hook(out: &Path) -> Value {
 
 #[test]
 fn vm_poststop_hooks_run_at_delete() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("poststop");
     let out = env.dir.path().join("poststop.calls");
     let calls = || std::fs::read_to_string(&out).unwrap_or_default();
@@ -702,5 +712,31 @@ fn vm_poststop_hooks_run_at_delete() {
     assert_exit(&husk(&env, &["delete", "--force", "forced"]), 0);
     let state: Value = serde_json::from_str(calls().trim()).expect("the hook got the state");
     assert_eq!(state["id"], "forced");
+    env.assert_no_leaks();
+}
+
+/// The leak guard sees a real VM: a created container (its monitor, QEMU,
+/// virtiofsd, its state dir) is reported as left until `delete` removes it.
+#[test]
+fn vm_the_leak_guard_reports_a_container_left_behind() {
+    let leaks = LeakGuard::new();
+    let env = Env::new("guard");
+    let b = Bundle::busybox(&["sleep", "1000"]);
+    assert_exit(&create(&env, &b, "g", None), 0);
+    let left = leaks
+        .check(Duration::from_secs(1))
+        .expect_err("a created container is a leak until it is deleted");
+    eprintln!("{left}");
+    assert!(
+        left.processes
+            .iter()
+            .any(|p| p.name.starts_with("qemu-system")),
+        "QEMU is reported: {left}"
+    );
+    assert!(
+        left.state.contains(&env.state_dir("g")),
+        "the state dir is reported: {left}"
+    );
+    assert_exit(&husk(&env, &["delete", "--force", "g"]), 0);
     env.assert_no_leaks();
 }

@@ -25,6 +25,7 @@ fn out(o: &std::process::Output) -> String {
 
 #[test]
 fn ctrd_run_kernel_exit_env_mounts_readonly() {
+    let _leaks = LeakGuard::new();
     let c = Containerd::start("run");
     let o = c.run_rm(&[], "uname", &["uname", "-r"]);
     assert_exit(&o, 0);
@@ -75,6 +76,7 @@ fn ctrd_run_kernel_exit_env_mounts_readonly() {
 
 #[test]
 fn ctrd_stdin_stdout_tty() {
+    let _leaks = LeakGuard::new();
     let c = Containerd::start("stdio");
     // 1 MiB of stdin, fed once the task runs (ctr loses an end-of-input that
     // comes before the task exists), checked by hash.
@@ -100,7 +102,7 @@ fn ctrd_stdin_stdout_tty() {
     drop(stdin);
     let pid = child.id();
     let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
-    let done = wait_until(Duration::from_secs(120), || waiter.is_finished());
+    let done = try_wait_until(Duration::from_secs(120), || waiter.is_finished()).is_some();
     if !done {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
@@ -143,6 +145,7 @@ fn ctrd_stdin_stdout_tty() {
 
 #[test]
 fn ctrd_task_start_exec_ps_metrics_pause_kill_delete() {
+    let _leaks = LeakGuard::new();
     let c = Containerd::start("tasks");
     // `ctr container create` + `ctr task start -d`.
     let o = c
@@ -222,19 +225,19 @@ fn ctrd_task_start_exec_ps_metrics_pause_kill_delete() {
             sink.lock().unwrap().extend_from_slice(&buf[..n]);
         }
     });
-    let echoed = wait_until(Duration::from_secs(60), || {
+    wait_until(Duration::from_secs(60), "cat to echo its input", || {
         seen.lock().unwrap().ends_with(b"before-close\n")
     });
-    assert!(echoed, "cat did not echo its input");
     let mut req = Vec::new();
     pb_bytes(&mut req, 1, b"t1");
     pb_bytes(&mut req, 2, b"cat");
     pb_uint(&mut req, 3, 1);
     shim_call(&c.shim_socket("t1"), "CloseIO", &req).expect("CloseIO");
-    let ended = wait_until(Duration::from_secs(60), || {
-        matches!(child.try_wait(), Ok(Some(_)))
-    });
-    assert!(ended, "cat did not see the end of its input");
+    wait_until(
+        Duration::from_secs(60),
+        "cat to see the end of its input",
+        || matches!(child.try_wait(), Ok(Some(_))),
+    );
     assert_eq!(child.wait().unwrap().code(), Some(0));
     reader.join().unwrap();
     drop(input);
@@ -313,6 +316,7 @@ fn ctrd_task_start_exec_ps_metrics_pause_kill_delete() {
 
 #[test]
 fn ctrd_oom_is_an_event_and_exit_137() {
+    let _leaks = LeakGuard::new();
     let c = Containerd::start("oom");
     let events_log = c.dir.path().join("events.log");
     let mut events = c
@@ -328,14 +332,15 @@ fn ctrd_oom_is_an_event_and_exit_137() {
         &["sh", "-c", "exec tail < /dev/zero"],
     );
     assert_exit(&o, 137);
-    let seen = wait_until(Duration::from_secs(30), || {
+    let seen = try_wait_until(Duration::from_secs(30), || {
         let text = std::fs::read_to_string(&events_log).unwrap_or_default();
         text.lines()
             .any(|l| l.contains("/tasks/oom") && l.contains("\"oom\""))
             && text
                 .lines()
                 .any(|l| l.contains("/tasks/exit") && l.contains("137"))
-    });
+    })
+    .is_some();
     let _ = events.kill();
     let _ = events.wait();
     assert!(
@@ -355,6 +360,7 @@ fn ctrd_oom_is_an_event_and_exit_137() {
 
 #[test]
 fn ctrd_pod_shares_one_vm() {
+    let _leaks = LeakGuard::new();
     let c = Containerd::start("pod");
     let sandbox = [
         "--annotation",
@@ -440,21 +446,24 @@ fn ctrd_pod_shares_one_vm() {
     assert_exit(&c.ctr_out(&["task", "kill", "-s", "SIGKILL", "pod2"]), 0);
     c.wait_status("pod2", "STOPPED");
     c.ctr_out(&["task", "delete", "pod2"]);
-    let gone = wait_until(Duration::from_secs(60), || {
-        c.task_status("pod2-app").as_deref() != Some("RUNNING")
-    });
-    assert!(gone, "the member outlived its pod");
+    wait_until(
+        Duration::from_secs(60),
+        "the member to stop with its pod",
+        || c.task_status("pod2-app").as_deref() != Some("RUNNING"),
+    );
     c.ctr_out(&["task", "delete", "pod2-app"]);
-    let gone = wait_until(Duration::from_secs(60), || {
-        c.task_status("pod2-app").is_none()
-    });
-    assert!(gone, "containerd still lists the member");
+    wait_until(
+        Duration::from_secs(60),
+        "containerd to drop the member",
+        || c.task_status("pod2-app").is_none(),
+    );
     assert_exit(&c.ctr_out(&["container", "rm", "pod2-app", "pod2"]), 0);
     c.assert_no_leaks();
 }
 
 #[test]
 fn ctrd_restart_keeps_tasks_dead_vms_and_shims_are_cleaned() {
+    let _leaks = LeakGuard::new();
     let mut c = Containerd::start("restart");
     c.run_detached(&[], "r1", &["sleep", "1000"]);
     assert_eq!(c.shim_socket("r1"), c.expected_socket("r1"));
@@ -482,12 +491,13 @@ fn ctrd_restart_keeps_tasks_dead_vms_and_shims_are_cleaned() {
     assert_eq!(out(&o), "still-here\n");
     assert_exit(&c.ctr_out(&["task", "kill", "-s", "SIGKILL", "r1"]), 0);
     c.wait_status("r1", "STOPPED");
-    let seen = wait_until(Duration::from_secs(60), || {
+    let seen = try_wait_until(Duration::from_secs(60), || {
         std::fs::read_to_string(&events_log)
             .unwrap_or_default()
             .lines()
             .any(|l| l.contains("/tasks/exit") && l.contains("\"r1\"") && l.contains("137"))
-    });
+    })
+    .is_some();
     let _ = events.kill();
     let _ = events.wait();
     assert!(
@@ -530,8 +540,11 @@ fn ctrd_restart_keeps_tasks_dead_vms_and_shims_are_cleaned() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let gone = wait_until(Duration::from_secs(60), || c.task_status("r2").is_none());
-    assert!(gone, "containerd still lists the task of a dead shim");
+    wait_until(
+        Duration::from_secs(60),
+        "containerd to drop the task of a dead shim",
+        || c.task_status("r2").is_none(),
+    );
     assert_exit(&c.ctr_out(&["container", "rm", "r1", "r2"]), 0);
     c.assert_no_leaks();
 }

@@ -70,11 +70,12 @@ fn detached(p: &Podman, name: &str, script: &str) -> String {
 /// Waits until the container's log contains `needle`.
 fn wait_for_log(p: &Podman, id: &str, needle: &str) {
     let mut last = String::new();
-    let seen = wait_until(Duration::from_secs(60), || {
+    let seen = try_wait_until(Duration::from_secs(60), || {
         let o = p.cmd(&["logs", id]);
         last = format!("{}{}", out(&o), stderr(&o));
         last.contains(needle)
-    });
+    })
+    .is_some();
     assert!(seen, "{needle:?} never appeared in the log of {id}: {last}");
 }
 
@@ -299,9 +300,10 @@ fn detached_logs_exec_ps_pause_stop(p: &Podman) {
             .unwrap_or(0)
     };
     let before = ticks(p);
-    assert!(
-        wait_until(Duration::from_secs(30), || ticks(p) > before),
-        "the container did not run on after unpause"
+    wait_until(
+        Duration::from_secs(30),
+        "the container to run on after unpause",
+        || ticks(p) > before,
     );
 
     // stop: SIGTERM is honored (the trap's status, well before the timeout).
@@ -446,7 +448,11 @@ fn run_named(name: &str, f: impl FnOnce() + Send) -> Result<(), ()> {
     std::thread::scope(|s| {
         std::thread::Builder::new()
             .name(name.to_string())
-            .spawn_scoped(s, f)
+            .spawn_scoped(s, || {
+                // Each case's own guard: its containers, watched by id.
+                let _leaks = LeakGuard::new().with_grace(EXIT_GRACE);
+                f()
+            })
             .expect("spawn a test thread")
             .join()
             .map_err(|_| ())
@@ -471,6 +477,8 @@ fn main() {
         return;
     }
     let start = Instant::now();
+    // The suite's guard: the podman setup and, at the end, every container.
+    let suite = LeakGuard::named("podman_root").with_grace(EXIT_GRACE);
     let setup = std::panic::catch_unwind(Podman::new);
     let podman = match setup {
         Ok(p) => p,
@@ -507,7 +515,11 @@ fn main() {
     });
     // Once every case has run: nothing of the whole suite may be left.
     let t = Instant::now();
-    let r = run_named("leak_check_after_the_suite", move || podman.finish());
+    let r = std::panic::catch_unwind(AssertUnwindSafe(move || {
+        podman.finish();
+        drop(suite);
+    }))
+    .map_err(drop);
     println!(
         "test leak_check_after_the_suite ... {} ({:.1}s)",
         if r.is_ok() { "ok" } else { "FAILED" },

@@ -2,12 +2,12 @@
 //! with the real guest kernel and agent.
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use husk_e2e::*;
 
 #[test]
 fn vm_uname_is_the_guest_kernel() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("uname");
     let b = Bundle::busybox(&["uname", "-r"]);
     let o = env.run(&b, "uname", b"");
@@ -20,6 +20,7 @@ fn vm_uname_is_the_guest_kernel() {
 
 #[test]
 fn vm_exit_status_and_signals() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("exit");
     let b = Bundle::busybox(&["sh", "-c", "exit 3"]);
     assert_exit(&env.run(&b, "exit3", b""), 3);
@@ -35,6 +36,7 @@ fn vm_exit_status_and_signals() {
 
 #[test]
 fn vm_stdin_and_long_output() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("stdio");
     let b = Bundle::busybox(&["cat"]);
     let o = env.run(&b, "cat", b"data\n");
@@ -58,6 +60,7 @@ fn vm_stdin_and_long_output() {
 
 #[test]
 fn vm_stderr_is_separate() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("stderr");
     let b = Bundle::busybox(&["sh", "-c", "echo out; echo err >&2"]);
     let o = env.run(&b, "stderr", b"");
@@ -69,6 +72,7 @@ fn vm_stderr_is_separate() {
 
 #[test]
 fn vm_env_cwd_user_hostname_follow_the_spec() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("procattrs");
     let mut b = Bundle::busybox(&["sh", "-c", "echo $GREETING; pwd; id -u; id -g; hostname"]);
     std::fs::create_dir_all(b.rootfs().join("work")).unwrap();
@@ -107,16 +111,19 @@ fn rootfs_write_reaches_host(share: Share) {
 
 #[test]
 fn vm_rootfs_write_reaches_host_virtiofs() {
+    let _leaks = LeakGuard::new();
     rootfs_write_reaches_host(Share::Virtiofs);
 }
 
 #[test]
 fn vm_rootfs_write_reaches_host_9p() {
+    let _leaks = LeakGuard::new();
     rootfs_write_reaches_host(Share::NineP);
 }
 
 #[test]
 fn vm_bind_mount_from_host() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("bind");
     let data = TempDir::new("data");
     std::fs::write(data.path().join("in.txt"), "from the host\n").unwrap();
@@ -137,6 +144,7 @@ fn vm_bind_mount_from_host() {
 
 #[test]
 fn vm_sigterm_to_husk_reaches_the_container() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("sigterm");
     let b = Bundle::busybox(&[
         "sh",
@@ -168,6 +176,7 @@ fn vm_sigterm_to_husk_reaches_the_container() {
 
 #[test]
 fn vm_killed_qemu_is_reported_and_cleaned_up() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("qemukill");
     let b = Bundle::busybox(&["sh", "-c", "echo ready; sleep 1000"]);
     let mut c = env.husk();
@@ -198,6 +207,7 @@ fn vm_killed_qemu_is_reported_and_cleaned_up() {
 
 #[test]
 fn vm_ten_runs_in_a_row_leave_nothing() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("ten");
     let b = Bundle::busybox(&["true"]);
     for i in 0..10 {
@@ -209,6 +219,7 @@ fn vm_ten_runs_in_a_row_leave_nothing() {
 
 #[test]
 fn vm_exec_of_a_missing_binary_is_a_clear_error() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("noexec");
     let b = Bundle::busybox(&["/no/such/binary"]);
     let o = env.run(&b, "noexec", b"");
@@ -219,13 +230,4 @@ fn vm_exec_of_a_missing_binary_is_a_clear_error() {
         stderr(&o)
     );
     env.assert_no_leaks();
-}
-
-#[test]
-fn vm_wait_until_is_not_a_fixed_sleep() {
-    // Guards the helper every other test relies on.
-    let start = std::time::Instant::now();
-    assert!(wait_until(Duration::from_secs(5), || true));
-    assert!(start.elapsed() < Duration::from_millis(100));
-    assert!(!wait_until(Duration::from_millis(50), || false));
 }

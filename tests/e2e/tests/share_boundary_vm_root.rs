@@ -108,11 +108,13 @@ fn has_opt(opts: &str, o: &str) -> bool {
 
 #[test]
 fn vm_privileged_guest_cannot_write_read_only_binds_or_plant_devices() {
+    let _leaks = LeakGuard::new();
     privileged_guest_attacks(Share::Virtiofs);
 }
 
 #[test]
 fn vm_privileged_guest_cannot_write_read_only_binds_over_9p() {
+    let _leaks = LeakGuard::new();
     privileged_guest_attacks(Share::NineP);
 }
 
@@ -168,7 +170,7 @@ fn privileged_guest_attacks(driver: Share) {
     ]);
     let o = run_to_files(c, &env.dir.path().join(id), T);
     assert_exit(&o, 0);
-    let done = wait_until(T, || output_of(&env, id).contains("attack-over"));
+    let done = try_wait_until(T, || output_of(&env, id).contains("attack-over")).is_some();
     let out = output_of(&env, id);
     assert!(done, "the attack did not finish: {out}");
     assert!(
@@ -240,6 +242,7 @@ fn privileged_guest_attacks(driver: Share) {
 
 #[test]
 fn vm_symlink_planted_in_the_share_is_not_followed_when_a_container_joins() {
+    let _leaks = LeakGuard::new();
     let c = Containerd::start("share-join");
     let target = TempDir::new("share-target");
     let t = target.path().to_string_lossy().to_string();
@@ -271,11 +274,12 @@ fn vm_symlink_planted_in_the_share_is_not_followed_when_a_container_joins() {
     assert_exit(&o, 0);
     c.wait_status("sj1", "RUNNING");
     c.note_socket("sj1");
-    let planted = wait_until(T, || {
+    let planted = try_wait_until(T, || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
             .contains("plant-over")
-    });
+    })
+    .is_some();
     let said = std::fs::read_to_string(&log).unwrap_or_default();
     eprintln!("the sandbox container said:\n{said}");
     let member = [

@@ -10,12 +10,15 @@
 
 use std::os::unix::fs::PermissionsExt;
 
+use std::time::Duration;
+
 use husk_e2e::spec::*;
 use husk_e2e::*;
 use serde_json::json;
 
 #[test]
 fn vm_memory_limit_oom_kills_the_container() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("oom");
     let mut b = Bundle::busybox(&["sh", "-c", "exec tail < /dev/zero"]);
     // tail keeps a line that never ends: it grows until the OOM killer
@@ -29,6 +32,7 @@ fn vm_memory_limit_oom_kills_the_container() {
 
 #[test]
 fn vm_pids_limit_and_cgroup_namespace() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("pids");
     // The limits are visible in the container's own cgroup (its cgroup
     // namespace makes it "/"), then the pids limit refuses the 20th task.
@@ -54,6 +58,7 @@ fn vm_pids_limit_and_cgroup_namespace() {
 
 #[test]
 fn vm_user_namespace_with_podman_seccomp() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("userns");
     let mut b = Bundle::busybox(&[
         "sh",
@@ -94,6 +99,7 @@ fn vm_user_namespace_with_podman_seccomp() {
 
 #[test]
 fn vm_seccomp_errno_ret() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("seccomp");
     let mut b = Bundle::busybox(&["mkdir", "/x"]);
     b.spec["linux"]["seccomp"] = json!({
@@ -120,6 +126,7 @@ fn vm_seccomp_errno_ret() {
 /// chown).
 #[test]
 fn vm_process_and_filesystem_follow_the_spec() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("procfs");
     let mut b = Bundle::busybox(&[
         "sh",
@@ -178,6 +185,7 @@ fn vm_process_and_filesystem_follow_the_spec() {
 
 #[test]
 fn vm_hooks_run_on_the_host_in_order_with_the_state() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("hooks");
     let scratch = TempDir::new("hooks-out");
     let out = scratch.path().join("calls");
@@ -220,6 +228,7 @@ fn vm_hooks_run_on_the_host_in_order_with_the_state() {
 
 #[test]
 fn vm_failing_create_runtime_hook_fails_run_and_leaves_nothing() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("badhook");
     let scratch = TempDir::new("badhook-out");
     let out = scratch.path().join("calls");
@@ -247,6 +256,7 @@ fn vm_failing_create_runtime_hook_fails_run_and_leaves_nothing() {
 
 #[test]
 fn vm_is_sized_and_pinned_by_the_spec() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("sizing");
     // 512 MiB and two CPUs' worth of quota, but pinned to host CPU 0: the VM
     // gets the memory on top of its own, one vCPU, and runs on CPU 0 only.
@@ -264,15 +274,16 @@ fn vm_is_sized_and_pinned_by_the_spec() {
         .stderr(std::process::Stdio::piped());
     let child = c.spawn().expect("husk run");
     let state = env.state_dir("sized").join("state.json");
-    let mut vm_pid = None;
-    wait_until(std::time::Duration::from_secs(60), || {
-        vm_pid = std::fs::read(&state)
-            .ok()
-            .and_then(|s| serde_json::from_slice::<serde_json::Value>(&s).ok())
-            .and_then(|v| v["vm_pid"].as_u64());
-        vm_pid.is_some()
-    });
-    let vm_pid = vm_pid.expect("the VM's pid in state.json");
+    let vm_pid = wait_until(
+        Duration::from_secs(60),
+        "the VM's pid in state.json",
+        || {
+            std::fs::read(&state)
+                .ok()
+                .and_then(|s| serde_json::from_slice::<serde_json::Value>(&s).ok())
+                .and_then(|v| v["vm_pid"].as_u64())
+        },
+    );
     let status = std::fs::read_to_string(format!("/proc/{vm_pid}/status")).unwrap();
     let allowed = status
         .lines()
@@ -302,6 +313,7 @@ fn vm_is_sized_and_pinned_by_the_spec() {
 
 #[test]
 fn vm_device_rules_are_enforced() {
+    let _leaks = LeakGuard::new();
     let env = Env::new("devices");
     // Deny everything (as podman does first): a node the container makes
     // cannot be opened, the standard devices still work.

@@ -1,14 +1,16 @@
-//! Helpers for running the agent as a plain process: a private temp dir, a
-//! busybox rootfs, OCI specs, the started agent with a ttrpc client, and the
-//! leak checks every test ends with.
+//! Helpers for running the agent as a plain process: the started agent with
+//! a ttrpc client, OCI specs, and the leak checks every test ends with. The
+//! generic parts (temp dir, busybox rootfs, default spec, wait_until, the
+//! leak guard) are `husk-testutil`'s.
 
 #![allow(dead_code)]
 
 use std::fs;
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub use husk_testutil::{wait_until, LeakGuard, TempDir};
 
 use husk_protocol::agent::{
     ContainerRequest, CreateContainerRequest, ExecProcessRequest, ProcessRequest,
@@ -16,13 +18,6 @@ use husk_protocol::agent::{
 };
 use husk_protocol::agent_ttrpc::AgentClient;
 use serde_json::{json, Value};
-
-/// Applets linked into every test rootfs.
-pub const APPLETS: &[&str] = &[
-    "sh", "cat", "echo", "id", "hostname", "uname", "pwd", "env", "sleep", "ls", "dd", "true",
-    "false", "seq", "test", "tty", "stty", "touch", "mount", "head", "wc", "grep", "stat", "tr",
-    "kill", "chown", "mkdir", "unshare", "ps", "tail", "yes", "readlink", "rm",
-];
 
 /// A private cgroup2 directory for one agent's containers, removed on drop:
 /// under `/sys/fs/cgroup` when that is cgroup2 (as in the guest), else
@@ -76,110 +71,35 @@ pub fn ctx() -> ttrpc::context::Context {
 
 /// Fails the test with a clear message unless it runs as root.
 pub fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the agent-as-a-process tests need root (namespaces, mounts): run `cargo test` as root"
-    );
-}
-
-/// Polls `condition` until it holds or `timeout` passes.
-pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// A temp dir removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "husk-agent-{name}-{}-{:?}",
-            std::process::id(),
-            Instant::now()
-        ));
-        let path = PathBuf::from(path.to_string_lossy().replace(
-            |c: char| !c.is_ascii_alphanumeric() && c != '/' && c != '-',
-            "_",
-        ));
-        fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
+    husk_testutil::require_root("the agent-as-a-process tests (namespaces, mounts)");
 }
 
 /// Builds a busybox rootfs at `dir/rootfs`.
 pub fn busybox_rootfs(dir: &Path) -> PathBuf {
     let rootfs = dir.join("rootfs");
-    for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
-        fs::create_dir_all(rootfs.join(sub)).unwrap();
-    }
-    fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
-        .expect("copying /bin/busybox (install busybox-static)");
-    for applet in APPLETS {
-        symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-    }
+    husk_testutil::busybox_rootfs(&rootfs);
     rootfs
 }
 
 /// A runc-like spec (the mounts and masks of `runc spec`) running `args`.
 pub fn spec(rootfs: &Path, args: &[&str]) -> Value {
-    json!({
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": false,
-            "user": {"uid": 0, "gid": 0},
-            "args": args,
-            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
-            "cwd": "/",
-            "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"]},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": true
-        },
-        "root": {"path": rootfs, "readonly": false},
-        "hostname": "husk",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-             "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-             "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
-        ],
-        "linux": {
-            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
-            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"},
-                           {"type": "uts"}, {"type": "mount"}],
-            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
-        }
-    })
-}
-
-/// The mounts of the test's mount namespace that mention `dir` anywhere
-/// (as mount point, as bound root, as source).
-pub fn mounts_under(dir: &Path) -> Vec<String> {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let dir = dir.to_string_lossy().into_owned();
-    info.lines()
-        .filter(|line| line.contains(&dir))
-        .map(str::to_string)
-        .collect()
+    let mut spec = husk_testutil::default_spec(args);
+    spec["root"]["path"] = json!(rootfs);
+    spec["process"]["capabilities"] =
+        json!({"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"]});
+    spec["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}]);
+    spec["mounts"].as_array_mut().unwrap().push(json!(
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
+    ));
+    spec["linux"] = json!({
+        "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+        "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                       {"type": "uts"}, {"type": "mount"}],
+        "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+        "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+    });
+    spec
 }
 
 /// Direct children of `pid`.
@@ -211,6 +131,10 @@ pub struct Agent {
     child: Child,
     socket: PathBuf,
     log: PathBuf,
+    /// Made before everything else of the agent's and dropped after it:
+    /// fails the test if the agent, a container process naming the agent's
+    /// dir, or a mount of it outlives the test.
+    leaks: LeakGuard,
 }
 
 impl Agent {
@@ -228,6 +152,7 @@ impl Agent {
     /// Starts the agent with extra arguments and connects to it.
     pub async fn start_with(extra: &[&str]) -> Agent {
         require_root();
+        let leaks = LeakGuard::new();
         let dir = TempDir::new("agent");
         let socket = dir.0.join("agent.sock");
         let log = dir.0.join("agent.log");
@@ -264,6 +189,7 @@ impl Agent {
             child,
             socket,
             log,
+            leaks,
         }
     }
 
@@ -438,22 +364,19 @@ impl Agent {
         self.check_no_leaks(&children);
     }
 
-    /// Asserts that `children` are gone and no mount remains under the dir.
+    /// Asserts that `children` are gone and, through the agent's leak
+    /// guard, that no process or mount names the agent's dir.
     pub fn check_no_leaks(&self, children: &[u32]) {
         wait_until(
-            "the agent's children to exit",
             Duration::from_secs(10),
+            "the agent's children to exit",
             || {
                 children
                     .iter()
                     .all(|pid| !Path::new(&format!("/proc/{pid}")).exists())
             },
         );
-        assert_eq!(
-            mounts_under(&self.dir.0),
-            Vec::<String>::new(),
-            "mounts leaked"
-        );
+        self.leaks.assert_clean(Duration::from_secs(10));
         assert!(!self.socket.exists(), "the agent left its socket behind");
     }
 

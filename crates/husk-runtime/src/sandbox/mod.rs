@@ -374,17 +374,19 @@ impl Sandbox {
     }
 
     fn save_record(&self) {
-        if self
-            .state_dir
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
-        {
+        // Held across the write: teardown takes the dir under this lock
+        // before removing it, so a save never races the removal (it left
+        // `.state.json.tmp` in a half-removed dir when the VM died during a
+        // status change; caught by the leak guard in
+        // run_vm_root::vm_killed_qemu_is_reported_and_cleaned_up).
+        let dir = self.state_dir.lock().unwrap_or_else(|e| e.into_inner());
+        if dir.is_none() {
             return;
         }
         if let Err(e) = self.record().save(&self.dir_path) {
             tracing::error!("{}", crate::monitor::error_chain(&e));
         }
+        drop(dir);
     }
 
     fn alive(&self) -> Result<(), SandboxError> {

@@ -1,25 +1,27 @@
 //! The lifecycle without root and without QEMU: a fake agent, a fake VM and
 //! a fake share behind the real [`Sandbox`].
 
-use std::path::PathBuf;
 use std::time::Duration;
+
+use husk_testutil::TempDir;
 
 use super::fake::{self, FakeSandbox};
 use super::*;
 use crate::status::Status;
 
-struct Root(PathBuf);
-impl Drop for Root {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+/// A state root for one test (husk-testutil's temp dir).
+type Root = TempDir;
 
 fn root(name: &str) -> Root {
-    let p = std::env::temp_dir().join(format!("husk-lc-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    Root(p)
+    TempDir::new(&format!("lc-{name}"))
+}
+
+#[test]
+fn the_leak_guard_watches_the_default_root() {
+    assert_eq!(
+        husk_testutil::leak::HUSK_STATE_ROOT,
+        crate::sandbox_dir::DEFAULT_ROOT
+    );
 }
 
 fn bundle(dir: &Path, hooks: serde_json::Value) -> Bundle {
