@@ -114,17 +114,25 @@ impl crate::Hypervisor for Qemu {
             spec.host_cpus.as_deref(),
             process::Confine { user, fds },
         )?;
-        let qmp = tokio::select! {
-            q = Qmp::connect_with_deadline(&spec.qmp_socket, SOCKET_TIMEOUT) => q?,
+        let early_exit = |status: String| HypervisorError::EarlyExit {
+            what: "qemu",
+            status,
+            output: process::log_tail(&spec.hypervisor_log, 2000),
+        };
+        let connected = tokio::select! {
+            q = Qmp::connect_with_deadline(&spec.qmp_socket, SOCKET_TIMEOUT) => q,
             status = child.wait() => {
-                return Err(HypervisorError::EarlyExit {
-                    what: "qemu",
-                    status: status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-                    output: process::log_tail(&spec.hypervisor_log, 2000),
-                });
+                return Err(early_exit(status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())));
             }
         };
-        let mut qmp = qmp;
+        let mut qmp = match connected {
+            Ok(q) => q,
+            // A QEMU that died during start-up closes the QMP socket: say why.
+            Err(e) => match tokio::time::timeout(Duration::from_millis(500), child.wait()).await {
+                Ok(Ok(status)) => return Err(early_exit(status.to_string())),
+                _ => return Err(e.into()),
+            },
+        };
         qmp.set_deadline(qmp::QMP_DEADLINE);
         Ok(Box::new(QemuVm {
             pid: child.id().unwrap_or(0),
