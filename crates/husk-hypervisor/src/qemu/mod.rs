@@ -19,6 +19,8 @@ use qmp::Qmp;
 
 /// How long QEMU may take from its start to its QMP greeting.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long virtiofsd may take from creating its socket to listening on it.
+const VIRTIOFSD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long QEMU gets to exit by itself after virtiofsd has gone (virtiofsd
 /// also exits when QEMU quits; that is not a dead helper).
 const HELPER_EXIT_GRACE: Duration = Duration::from_millis(300);
@@ -82,10 +84,7 @@ impl crate::Hypervisor for Qemu {
             )))?;
         fds.push((console_qemu.into(), cmdline::CONSOLE_FD));
         if let SharedFs::Virtiofs { socket, .. } = &spec.shared_fs {
-            let s = StdUnixStream::connect(socket).map_err(io_err(format!(
-                "cannot connect to virtiofsd at {}",
-                socket.display()
-            )))?;
+            let s = connect_virtiofsd(socket).await?;
             fds.push((s.into(), cmdline::SHARE_FD));
         }
         let null =
@@ -142,6 +141,30 @@ impl crate::Hypervisor for Qemu {
             exit: None,
             _uid: lease,
         }))
+    }
+}
+
+/// Connects to virtiofsd's socket for QEMU. virtiofsd creates the socket
+/// file a moment before it listens on it: a refused connection is retried
+/// for up to [`VIRTIOFSD_CONNECT_TIMEOUT`].
+async fn connect_virtiofsd(socket: &Path) -> Result<StdUnixStream, HypervisorError> {
+    let start = std::time::Instant::now();
+    loop {
+        match StdUnixStream::connect(socket) {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && start.elapsed() < VIRTIOFSD_CONNECT_TIMEOUT =>
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err(e) => {
+                return Err(io_err(format!(
+                    "cannot connect to virtiofsd at {}",
+                    socket.display()
+                ))(e))
+            }
+        }
     }
 }
 
