@@ -5,7 +5,8 @@
 //! `<lock_dir>/<uid>` for the VM's lifetime, so two sandboxes, in any
 //! process, never share a uid; the kernel drops the lock when the holder
 //! dies, so a crashed husk leaks no lease. Lock files are left in place
-//! (removing one would race with a process about to lock it).
+//! (removing one would race with a process about to lock it); the lowest
+//! free uid is taken, so they number at most the peak of live sandboxes.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -75,11 +76,10 @@ impl UidPool {
                 path: self.lock_dir.clone(),
                 source,
             })?;
-        // Start at a place that depends on the pid, so concurrent sandboxes
-        // rarely contend for the same lock file.
-        let start = std::process::id() % self.count;
+        // Lowest free uid first: the lock files (never removed) number at
+        // most the sandboxes that ever ran at once, not one per sandbox.
         for i in 0..self.count {
-            let uid = self.first + (start + i) % self.count;
+            let uid = self.first + i;
             if let Some(lock) = try_lock(&self.lock_dir.join(uid.to_string()))? {
                 return Ok(UidLease { uid, _lock: lock });
             }
