@@ -46,11 +46,13 @@ pub fn delete(g: &GlobalOpts, a: DeleteArgs) -> anyhow::Result<u8> {
             match t.call(&Request::Delete { force: true }) {
                 Ok(_) => poststop_done = true,
                 Err(ClientError::Unreachable { .. }) if t.stopped_since() => {}
-                // A monitor that no longer answers is on its way out (its
+                // A monitor that fails the request is on its way out (its
                 // VM died: QEMU or virtiofsd killed) or wedged: --force
                 // gives it a moment, then ends it (its QEMU and mounts go
                 // with it), so a dead VM cannot pin the container.
-                Err(ClientError::Unreachable { .. }) if a.force => {
+                // (Or it answered with its VM's death while tearing down.)
+                Err(e) if a.force => {
+                    tracing::debug!("{e}; waiting for the monitor to exit");
                     if !wait_gone_for(&t.state, UNREACHABLE_GRACE) {
                         tracing::warn!(
                             pid = t.state.pid,
