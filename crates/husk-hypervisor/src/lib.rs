@@ -5,9 +5,11 @@
 //! This crate depends on nothing else in the workspace (see docs/architecture.md).
 
 pub mod accel;
+pub mod caplog;
 mod process;
 pub mod qemu;
 mod spec;
+pub mod uid;
 pub mod virtiofsd;
 
 use std::path::PathBuf;
@@ -18,6 +20,7 @@ use async_trait::async_trait;
 pub use accel::{Accel, AccelMode, HostProbe, SystemProbe};
 pub use process::log_tail;
 pub use spec::{SharedFs, VmSpec};
+pub use uid::{UidError, UidLease, UidPool};
 
 /// Errors of launching, driving and stopping a VM.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,14 @@ pub enum HypervisorError {
     MissingFile {
         what: &'static str,
         path: PathBuf,
+        key: &'static str,
+    },
+    /// QEMU runs as an unprivileged uid and could not read a boot file.
+    #[error("{what} {path} is not readable by QEMU's unprivileged uid ({blocker} is not world-readable/searchable): `chmod o+r` the file and `o+x` its directories, or set `{key}` to a copy that is")]
+    NotReadable {
+        what: &'static str,
+        path: PathBuf,
+        blocker: PathBuf,
         key: &'static str,
     },
     #[error("failed to start {what}")]
@@ -59,6 +70,8 @@ pub enum HypervisorError {
     },
     #[error("QMP")]
     Qmp(#[from] qemu::qmp::QmpError),
+    #[error("cannot run QEMU unprivileged")]
+    Uid(#[from] UidError),
     #[error("{context}")]
     Io {
         context: String,
@@ -74,6 +87,12 @@ pub enum VmExit {
     Code(i32),
     /// The hypervisor was killed by this signal.
     Signal(i32),
+    /// A helper the VM cannot live without (virtiofsd) exited, so the VM
+    /// was stopped.
+    HelperExited {
+        helper: &'static str,
+        status: String,
+    },
 }
 
 impl std::fmt::Display for VmExit {
@@ -81,6 +100,9 @@ impl std::fmt::Display for VmExit {
         match self {
             VmExit::Code(c) => write!(f, "exit code {c}"),
             VmExit::Signal(s) => write!(f, "killed by signal {s}"),
+            VmExit::HelperExited { helper, status } => {
+                write!(f, "{helper} exited ({status}), so the VM was stopped")
+            }
         }
     }
 }

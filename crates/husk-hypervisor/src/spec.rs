@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::Accel;
+use crate::{Accel, UidPool};
 
 /// How the sandbox's shared directory reaches the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +54,12 @@ pub struct VmSpec {
     pub qmp_socket: PathBuf,
     /// File that receives the guest console (kernel and agent logs).
     pub console_log: PathBuf,
+    /// The console log never grows past this many bytes (its tail is kept).
+    pub console_log_limit: u64,
+    /// Where QEMU's uid comes from: `Some`, QEMU runs as a leased
+    /// unprivileged uid with no capabilities; `None`, it stays root (9p,
+    /// which must serve root-owned files; still under its seccomp sandbox).
+    pub uid_pool: Option<UidPool>,
     /// File that receives QEMU's own stderr.
     pub hypervisor_log: PathBuf,
     /// Host CPUs QEMU (so every vCPU) may run on; `None`: wherever husk may.

@@ -1,4 +1,14 @@
 //! The virtiofsd daemon that serves the sandbox share over vhost-user.
+//!
+//! virtiofsd stays root: it serves files with their owners, modes and
+//! timestamps as the guest sets them, which takes CAP_CHOWN, CAP_DAC_OVERRIDE,
+//! CAP_FOWNER, CAP_FSETID, CAP_SETGID, CAP_SETUID (it switches its fs
+//! uid/gid to the guest's caller for every create) and CAP_SETFCAP. It keeps
+//! only those (its default set minus CAP_MKNOD: the guest cannot make device
+//! nodes in the share), confines itself in its namespace sandbox (new mount,
+//! pid, net and ipc namespaces, pivoted into the share dir, so it sees no
+//! other host path) and kills itself on a system call outside its seccomp
+//! allow-list. It inherits no descriptor of husk's (see `process.rs`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -35,8 +45,11 @@ pub async fn start(
         .arg("--announce-submounts")
         // 0 leaves RLIMIT_NOFILE alone: root here may lack CAP_SYS_RESOURCE.
         .args(["--rlimit-nofile", "0"])
+        .args(["--sandbox", "namespace"])
+        .args(["--seccomp", "kill"])
+        .arg("--modcaps=-mknod")
         .args(["--log-level", "warn"]);
-    let mut child = process::spawn("virtiofsd", cmd, log, cpus)?;
+    let mut child = process::spawn("virtiofsd", cmd, log, cpus, process::Confine::default())?;
     process::wait_for_socket("virtiofsd", &mut child, socket, log, SOCKET_TIMEOUT).await?;
     Ok(child)
 }

@@ -107,15 +107,10 @@ pub fn run_checks(cfg: &Config, is_root: bool, probe: &dyn HostProbe) -> Vec<Fin
             ok: true,
             detail: format!("virtio-fs via {}", p.display()),
         },
-        (SharedFsKind::Virtiofs, None) => Finding {
+        (SharedFsKind::Virtiofs | SharedFsKind::Auto, None) => Finding {
             item: "shared fs",
             ok: false,
-            detail: "virtiofsd not found: `cargo install virtiofsd` (make setup), set shared_fs.virtiofsd, or use shared_fs.kind = \"9p\"".into(),
-        },
-        (SharedFsKind::Auto, None) => Finding {
-            item: "shared fs",
-            ok: true,
-            detail: "9p (virtiofsd not found; `cargo install virtiofsd` for virtio-fs)".into(),
+            detail: "virtiofsd not found: `cargo install virtiofsd` (make setup), set shared_fs.virtiofsd, or use shared_fs.kind = \"9p\" (9p is never chosen silently)".into(),
         },
     });
     f

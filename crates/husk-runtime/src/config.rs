@@ -76,6 +76,15 @@ pub struct HypervisorConfig {
     pub memory_mib: u32,
     /// Extra guest kernel parameters.
     pub kernel_params: Vec<String>,
+    /// QEMU runs as an unprivileged uid leased from
+    /// `uid_first..uid_first+uid_count` (gid = uid), one per sandbox; used
+    /// with virtio-fs (9p keeps QEMU root: see docs/threat-model.md).
+    pub uid_first: u32,
+    pub uid_count: u32,
+    /// Where the uid leases' lock files live.
+    pub uid_lock_dir: PathBuf,
+    /// The guest console log never grows past this (its tail is kept).
+    pub console_log_limit_bytes: u64,
     /// Host CPUs to pin QEMU to: derived from the owning container's
     /// `linux.resources.cpu.cpus` (see `sizing.rs`), never read from the file.
     #[serde(skip)]
@@ -85,7 +94,8 @@ pub struct HypervisorConfig {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum SharedFsKind {
-    /// virtio-fs when virtiofsd is found, 9p otherwise.
+    /// virtio-fs; an error naming the fix when virtiofsd is not found (9p
+    /// only when asked for: it is never a silent fallback).
     #[default]
     Auto,
     Virtiofs,
@@ -130,6 +140,10 @@ impl Default for HypervisorConfig {
             vcpus: 1,
             memory_mib: 256,
             kernel_params: Vec::new(),
+            uid_first: 2_000_000_000,
+            uid_count: 65_536,
+            uid_lock_dir: "/run/husk-uids".into(),
+            console_log_limit_bytes: 1 << 20,
             host_cpus: None,
         }
     }
@@ -237,6 +251,24 @@ mod tests {
         assert_eq!(c.hypervisor.memory_mib, 512);
         assert_eq!(c.hypervisor.vcpus, 1);
         assert_eq!(c.shared_fs.kind, SharedFsKind::NineP);
+    }
+
+    #[test]
+    fn confinement_keys_have_defaults_and_parse() {
+        let d = Config::default().hypervisor;
+        assert_eq!(d.uid_first, 2_000_000_000);
+        assert_eq!(d.uid_count, 65_536);
+        assert_eq!(d.uid_lock_dir, Path::new("/run/husk-uids"));
+        assert_eq!(d.console_log_limit_bytes, 1 << 20);
+        let c = Config::parse(
+            "[hypervisor]\nuid_first = 3000000000\nuid_count = 4\nuid_lock_dir = \"/tmp/u\"\nconsole_log_limit_bytes = 65536\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.hypervisor.uid_first, 3_000_000_000);
+        assert_eq!(c.hypervisor.uid_count, 4);
+        assert_eq!(c.hypervisor.uid_lock_dir, Path::new("/tmp/u"));
+        assert_eq!(c.hypervisor.console_log_limit_bytes, 65536);
     }
 
     #[test]

@@ -5,11 +5,35 @@
 //! Devices: the console on the ISA serial port into a log file, a
 //! virtio-serial port for the agent, virtio-rng, and the share (virtio-fs over
 //! vhost-user with a shared memfd memory backend, or virtio-9p).
+//!
+//! QEMU opens no path of the sandbox state dir (which is root's, 0700, and
+//! QEMU may run as an unprivileged uid): husk binds the QMP and agent
+//! sockets, makes the console socket and connects to virtiofsd, and passes
+//! the descriptors at fixed numbers ([`QMP_FD`] ...). QEMU runs under its
+//! seccomp sandbox ([`SANDBOX`]).
 
 use std::ffi::OsString;
+use std::os::fd::RawFd;
 use std::path::Path;
 
 use crate::{Accel, SharedFs, VmSpec};
+
+/// QEMU's seccomp sandbox: no obsolete system calls, no set*uid/gid or
+/// capability changes, no fork/exec, no scheduler or resource changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// The listening QMP socket QEMU receives.
+pub const QMP_FD: RawFd = 3;
+/// The listening agent-channel socket QEMU receives.
+pub const AGENT_FD: RawFd = 4;
+/// The connected socket QEMU writes the guest console into.
+pub const CONSOLE_FD: RawFd = 5;
+/// The socket connected to virtiofsd (virtio-fs only).
+pub const SHARE_FD: RawFd = 6;
+/// `/dev/null`, passed only to carry the sandbox's name (`-add-fd ...
+/// opaque=<qmp socket path>`), so tools that find a sandbox's processes by
+/// its state dir on their command lines still find QEMU.
+pub const TAG_FD: RawFd = 7;
 
 /// Kernel parameters every husk guest gets. `reboot=t` + QEMU's `-no-reboot`
 /// make a guest reboot (the agent's power-off, or a panic via `panic=-1`)
@@ -91,8 +115,17 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
     push_str(&mut a, "-append");
     a.push(kernel_cmdline(spec).into());
 
+    push_str(&mut a, "-sandbox");
+    push_str(&mut a, SANDBOX);
+    push_str(&mut a, "-add-fd");
+    a.push(path_arg(
+        &format!("fd={TAG_FD},set={TAG_FD},opaque="),
+        &spec.qmp_socket,
+        "",
+    ));
+
     push_str(&mut a, "-chardev");
-    a.push(path_arg("file,id=console,path=", &spec.console_log, ""));
+    a.push(format!("socket,id=console,fd={CONSOLE_FD}").into());
     push_str(&mut a, "-serial");
     push_str(&mut a, "chardev:console");
 
@@ -102,18 +135,14 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
     push_str(&mut a, "-device");
     push_str(&mut a, "virtio-serial-device");
     push_str(&mut a, "-chardev");
-    a.push(path_arg(
-        "socket,id=agent,path=",
-        &spec.agent_socket,
-        ",server=on,wait=off",
-    ));
+    a.push(format!("socket,id=agent,fd={AGENT_FD},server=on,wait=off").into());
     push_str(&mut a, "-device");
     a.push(format!("virtserialport,chardev=agent,name={}", spec.agent_port).into());
 
     match &spec.shared_fs {
-        SharedFs::Virtiofs { socket, .. } => {
+        SharedFs::Virtiofs { .. } => {
             push_str(&mut a, "-chardev");
-            a.push(path_arg("socket,id=share,path=", socket, ""));
+            a.push(format!("socket,id=share,fd={SHARE_FD}").into());
             push_str(&mut a, "-device");
             a.push(format!("vhost-user-fs-device,chardev=share,tag={}", spec.share_tag).into());
         }
@@ -129,8 +158,10 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
         }
     }
 
-    push_str(&mut a, "-qmp");
-    a.push(path_arg("unix:", &spec.qmp_socket, ",server=on,wait=off"));
+    push_str(&mut a, "-chardev");
+    a.push(format!("socket,id=qmp,fd={QMP_FD},server=on,wait=off").into());
+    push_str(&mut a, "-mon");
+    push_str(&mut a, "chardev=qmp,mode=control");
     a
 }
 
@@ -161,6 +192,8 @@ mod tests {
             agent_socket: d.join("agent.sock"),
             qmp_socket: d.join("qmp.sock"),
             console_log: d.join("console.log"),
+            console_log_limit: 1 << 20,
+            uid_pool: None,
             hypervisor_log: d.join("qemu.log"),
             host_cpus: None,
         }
@@ -182,13 +215,15 @@ mod tests {
              -nodefaults -no-user-config -display none -no-reboot -global virtio-mmio.force-legacy=false \
              -kernel /k/vmlinux -initrd /k/initrd.img \
              -append console=ttyS0 reboot=t panic=-1 rdinit=/init quiet i8042.noaux i8042.nomux i8042.dumbkbd 8250.nr_uarts=1 husk.log=debug \
-             -chardev file,id=console,path=/run/husk/c1/console.log -serial chardev:console \
+             -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
+             -add-fd fd=7,set=7,opaque=/run/husk/c1/qmp.sock \
+             -chardev socket,id=console,fd=5 -serial chardev:console \
              -device virtio-rng-device -device virtio-serial-device \
-             -chardev socket,id=agent,path=/run/husk/c1/agent.sock,server=on,wait=off \
+             -chardev socket,id=agent,fd=4,server=on,wait=off \
              -device virtserialport,chardev=agent,name=husk.agent \
              -fsdev local,id=share,path=/run/husk/c1/share,security_model=none \
              -device virtio-9p-device,fsdev=share,mount_tag=husk-share \
-             -qmp unix:/run/husk/c1/qmp.sock,server=on,wait=off"
+             -chardev socket,id=qmp,fd=3,server=on,wait=off -mon chardev=qmp,mode=control"
         );
     }
 
@@ -205,10 +240,36 @@ mod tests {
         assert!(line.contains("-M microvm,acpi=off,memory-backend=mem "));
         assert!(line.contains("-object memory-backend-memfd,id=mem,size=256M,share=on"));
         assert!(line.contains(
-            "-chardev socket,id=share,path=/run/husk/c1/virtiofsd.sock -device vhost-user-fs-device,chardev=share,tag=husk-share"
+            "-chardev socket,id=share,fd=6 -device vhost-user-fs-device,chardev=share,tag=husk-share"
         ));
         assert!(line.contains("-accel kvm -cpu host"));
         assert!(!line.contains("9p"));
+    }
+
+    #[test]
+    fn qemu_runs_under_its_seccomp_sandbox_and_opens_no_state_path() {
+        for fs in [
+            SharedFs::NineP,
+            SharedFs::Virtiofs {
+                daemon: "/usr/libexec/virtiofsd".into(),
+                socket: "/run/husk/c1/virtiofsd.sock".into(),
+            },
+        ] {
+            let line = joined(&spec(fs, Accel::Tcg));
+            assert!(line.contains(
+                " -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny "
+            ));
+            // The state dir appears only in the fd set's label.
+            assert_eq!(
+                line.matches("/run/husk/c1/").count() - line.matches("/run/husk/c1/share").count(),
+                1,
+                "{line}"
+            );
+            assert!(
+                !line.contains("console.log") && !line.contains("agent.sock"),
+                "{line}"
+            );
+        }
     }
 
     #[test]

@@ -3,25 +3,61 @@
 pub mod cmdline;
 pub mod qmp;
 
+use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream as StdUnixStream};
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::process::{Child, Command};
 
-use crate::{process, virtiofsd, HypervisorError, SharedFs, Vm, VmExit, VmSpec};
+use crate::{
+    caplog, process, virtiofsd, Accel, HypervisorError, SharedFs, UidLease, Vm, VmExit, VmSpec,
+};
 use qmp::Qmp;
 
-/// How long QEMU may take to create its sockets.
+/// How long QEMU may take from its start to its QMP greeting.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long virtiofsd may take from creating its socket to listening on it.
+const VIRTIOFSD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long QEMU gets to exit by itself after virtiofsd has gone (virtiofsd
+/// also exits when QEMU quits; that is not a dead helper).
+const HELPER_EXIT_GRACE: Duration = Duration::from_millis(300);
 
 /// Launches VMs with `qemu-system-x86_64`.
 #[derive(Debug, Default, Clone)]
 pub struct Qemu;
 
+fn io_err(context: String) -> impl FnOnce(std::io::Error) -> HypervisorError {
+    move |source| HypervisorError::Io { context, source }
+}
+
+/// Binds a listening unix socket at `path`, mode 0600 (QEMU gets the
+/// descriptor; only root connects by path).
+fn listen(path: &Path) -> Result<OwnedFd, HypervisorError> {
+    let l = UnixListener::bind(path).map_err(io_err(format!("cannot bind {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(format!("cannot restrict {}", path.display())))?;
+    Ok(l.into())
+}
+
 #[async_trait]
 impl crate::Hypervisor for Qemu {
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, HypervisorError> {
         check_inputs(spec)?;
+        let lease = match &spec.uid_pool {
+            Some(pool) => {
+                for (what, key, path) in [
+                    ("guest kernel", "hypervisor.kernel", &spec.kernel),
+                    ("guest initrd", "hypervisor.initrd", &spec.initrd),
+                ] {
+                    check_world_readable(what, key, path)?;
+                }
+                Some(pool.lease()?)
+            }
+            None => None,
+        };
         let virtiofsd = match &spec.shared_fs {
             SharedFs::Virtiofs { daemon, socket } => Some(
                 virtiofsd::start(
@@ -35,29 +71,132 @@ impl crate::Hypervisor for Qemu {
             ),
             SharedFs::NineP => None,
         };
+        let mut fds: Vec<(OwnedFd, RawFd)> = vec![
+            (listen(&spec.qmp_socket)?, cmdline::QMP_FD),
+            (listen(&spec.agent_socket)?, cmdline::AGENT_FD),
+        ];
+        let (console_host, console_qemu) =
+            StdUnixStream::pair().map_err(io_err("cannot make the console socket".into()))?;
+        caplog::spawn_console_reader(console_host, &spec.console_log, spec.console_log_limit)
+            .map_err(io_err(format!(
+                "cannot write {}",
+                spec.console_log.display()
+            )))?;
+        fds.push((console_qemu.into(), cmdline::CONSOLE_FD));
+        if let SharedFs::Virtiofs { socket, .. } = &spec.shared_fs {
+            let s = connect_virtiofsd(socket).await?;
+            fds.push((s.into(), cmdline::SHARE_FD));
+        }
+        let null =
+            std::fs::File::open("/dev/null").map_err(io_err("cannot open /dev/null".into()))?;
+        fds.push((null.into(), cmdline::TAG_FD));
+        let user = match &lease {
+            Some(l) => {
+                // KVM: the device's group, so the uid may open /dev/kvm.
+                let groups = match spec.accel {
+                    Accel::Kvm => std::fs::metadata("/dev/kvm")
+                        .map(|m| vec![m.gid()])
+                        .unwrap_or_default(),
+                    Accel::Tcg => Vec::new(),
+                };
+                Some((l.uid(), l.gid(), groups))
+            }
+            None => None,
+        };
         let mut cmd = Command::new(&spec.qemu);
         cmd.args(cmdline::command_line(spec));
-        tracing::debug!(args = ?cmdline::command_line(spec), "starting qemu");
-        let mut child =
-            process::spawn("qemu", cmd, &spec.hypervisor_log, spec.host_cpus.as_deref())?;
-        for sock in [&spec.qmp_socket, &spec.agent_socket] {
-            process::wait_for_socket(
-                "qemu",
-                &mut child,
-                sock,
-                &spec.hypervisor_log,
-                SOCKET_TIMEOUT,
-            )
-            .await?;
-        }
-        let qmp = Qmp::connect(&spec.qmp_socket).await?;
+        tracing::debug!(args = ?cmdline::command_line(spec), uid = ?user.as_ref().map(|u| u.0), "starting qemu");
+        let mut child = process::spawn(
+            "qemu",
+            cmd,
+            &spec.hypervisor_log,
+            spec.host_cpus.as_deref(),
+            process::Confine { user, fds },
+        )?;
+        let early_exit = |status: String| HypervisorError::EarlyExit {
+            what: "qemu",
+            status,
+            output: process::log_tail(&spec.hypervisor_log, 2000),
+        };
+        let connected = tokio::select! {
+            q = Qmp::connect_with_deadline(&spec.qmp_socket, SOCKET_TIMEOUT) => q,
+            status = child.wait() => {
+                return Err(early_exit(status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())));
+            }
+        };
+        let mut qmp = match connected {
+            Ok(q) => q,
+            // A QEMU that died during start-up closes the QMP socket: say why.
+            Err(e) => match tokio::time::timeout(Duration::from_millis(500), child.wait()).await {
+                Ok(Ok(status)) => return Err(early_exit(status.to_string())),
+                _ => return Err(e.into()),
+            },
+        };
+        qmp.set_deadline(qmp::QMP_DEADLINE);
         Ok(Box::new(QemuVm {
             pid: child.id().unwrap_or(0),
             qemu: child,
             virtiofsd,
             qmp: Some(qmp),
             exit: None,
+            _uid: lease,
         }))
+    }
+}
+
+/// Connects to virtiofsd's socket for QEMU. virtiofsd creates the socket
+/// file a moment before it listens on it: a refused connection is retried
+/// for up to [`VIRTIOFSD_CONNECT_TIMEOUT`].
+async fn connect_virtiofsd(socket: &Path) -> Result<StdUnixStream, HypervisorError> {
+    let start = std::time::Instant::now();
+    loop {
+        match StdUnixStream::connect(socket) {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && start.elapsed() < VIRTIOFSD_CONNECT_TIMEOUT =>
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err(e) => {
+                return Err(io_err(format!(
+                    "cannot connect to virtiofsd at {}",
+                    socket.display()
+                ))(e))
+            }
+        }
+    }
+}
+
+/// QEMU running as an unprivileged uid opens the kernel and initrd itself:
+/// they and every directory above them must be readable by others.
+fn check_world_readable(
+    what: &'static str,
+    key: &'static str,
+    path: &Path,
+) -> Result<(), HypervisorError> {
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0)
+    };
+    let bad = if mode(path) & 0o004 == 0 {
+        Some(path.to_path_buf())
+    } else {
+        path.ancestors()
+            .skip(1)
+            .filter(|d| !d.as_os_str().is_empty())
+            .find(|d| mode(d) & 0o001 == 0)
+            .map(Path::to_path_buf)
+    };
+    match bad {
+        None => Ok(()),
+        Some(p) => Err(HypervisorError::NotReadable {
+            what,
+            path: path.to_path_buf(),
+            blocker: p,
+            key,
+        }),
     }
 }
 
@@ -93,6 +232,8 @@ pub struct QemuVm {
     virtiofsd: Option<Child>,
     qmp: Option<Qmp>,
     exit: Option<VmExit>,
+    /// QEMU's uid, leased until the VM is gone.
+    _uid: Option<UidLease>,
 }
 
 fn to_exit(status: std::process::ExitStatus) -> VmExit {
@@ -134,9 +275,32 @@ impl Vm for QemuVm {
         if let Some(e) = &self.exit {
             return e.clone();
         }
-        let e = match self.qemu.wait().await {
-            Ok(s) => to_exit(s),
-            Err(_) => VmExit::Code(-1),
+        let e = match self.virtiofsd.as_mut() {
+            None => match self.qemu.wait().await {
+                Ok(s) => to_exit(s),
+                Err(_) => VmExit::Code(-1),
+            },
+            // The guest's files are served by virtiofsd: without it the
+            // VM is dead even if QEMU runs on (its file operations hang).
+            Some(d) => tokio::select! {
+                biased;
+                s = self.qemu.wait() => match s {
+                    Ok(s) => to_exit(s),
+                    Err(_) => VmExit::Code(-1),
+                },
+                s = d.wait() => {
+                    let status = s.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                    self.virtiofsd = None;
+                    match tokio::time::timeout(HELPER_EXIT_GRACE, self.qemu.wait()).await {
+                        Ok(Ok(s)) => to_exit(s),
+                        _ => {
+                            tracing::warn!(%status, "virtiofsd exited; stopping the VM");
+                            let _ = self.qemu.kill().await;
+                            VmExit::HelperExited { helper: "virtiofsd", status }
+                        }
+                    }
+                }
+            },
         };
         self.exit = Some(e.clone());
         e

@@ -2,8 +2,13 @@
 //!
 //! QMP is line-delimited JSON. Asynchronous events (`{"event": ...}`) may
 //! arrive between a command and its reply; they are logged and skipped.
+//!
+//! Every exchange has a deadline ([`QMP_DEADLINE`] unless set): a QEMU that
+//! stops answering cannot pin husk. After a timeout the session is closed
+//! (a late reply would be taken for the next command's).
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -34,6 +39,8 @@ pub enum QmpError {
         class: String,
         desc: String,
     },
+    #[error("QEMU did not answer {command} within {after:?}")]
+    Timeout { command: String, after: Duration },
     #[error("unexpected reply to {command}: {reply}")]
     Unexpected { command: String, reply: String },
 }
@@ -82,10 +89,16 @@ pub fn parse_line(line: &str) -> Result<QmpMessage, QmpError> {
     })
 }
 
+/// How long QEMU gets to answer one QMP command (or greet).
+pub const QMP_DEADLINE: Duration = Duration::from_secs(5);
+
 /// A negotiated QMP session.
 pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
+    deadline: Duration,
+    /// A command timed out: the stream is out of step; refuse more.
+    broken: bool,
 }
 
 impl Qmp {
@@ -93,6 +106,12 @@ impl Qmp {
     /// QEMU creates the socket file a moment before it listens on it, so a
     /// refused connection is retried for up to a second.
     pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
+        Self::connect_with_deadline(path, QMP_DEADLINE).await
+    }
+
+    /// [`Self::connect`] with a deadline for the greeting and for every
+    /// later command.
+    pub async fn connect_with_deadline(path: &Path, deadline: Duration) -> Result<Qmp, QmpError> {
         let mut tries = 0;
         let stream = loop {
             match UnixStream::connect(path).await {
@@ -113,8 +132,16 @@ impl Qmp {
         let mut qmp = Qmp {
             reader: BufReader::new(r),
             writer: w,
+            deadline,
+            broken: false,
         };
-        match qmp.next_message().await? {
+        let greeting = tokio::time::timeout(deadline, qmp.next_message())
+            .await
+            .map_err(|_| QmpError::Timeout {
+                command: "the greeting".into(),
+                after: deadline,
+            })?;
+        match greeting? {
             QmpMessage::Greeting => {}
             other => {
                 return Err(QmpError::Unexpected {
@@ -127,6 +154,11 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// The deadline of every later command.
+    pub fn set_deadline(&mut self, deadline: Duration) {
+        self.deadline = deadline;
+    }
+
     async fn next_message(&mut self) -> Result<QmpMessage, QmpError> {
         let mut line = String::new();
         if self.reader.read_line(&mut line).await? == 0 {
@@ -135,8 +167,26 @@ impl Qmp {
         parse_line(line.trim_end())
     }
 
-    /// Runs one command and returns its `return` value.
+    /// Runs one command and returns its `return` value, failing with
+    /// [`QmpError::Timeout`] when QEMU does not answer within the deadline.
     pub async fn execute(&mut self, command: &str, args: Option<Value>) -> Result<Value, QmpError> {
+        if self.broken {
+            return Err(QmpError::Closed);
+        }
+        let deadline = self.deadline;
+        match tokio::time::timeout(deadline, self.exchange(command, args)).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.broken = true;
+                Err(QmpError::Timeout {
+                    command: command.to_string(),
+                    after: deadline,
+                })
+            }
+        }
+    }
+
+    async fn exchange(&mut self, command: &str, args: Option<Value>) -> Result<Value, QmpError> {
         let mut req = json!({ "execute": command });
         if let Some(a) = args {
             req["arguments"] = a;
@@ -225,6 +275,72 @@ mod tests {
             parse_line(r#"{"what": 1}"#),
             Err(QmpError::Unexpected { .. })
         ));
+    }
+
+    /// A peer that greets and accepts capabilities, then never answers.
+    async fn silent_peer(
+        tag: &str,
+        greet: bool,
+    ) -> (std::path::PathBuf, tokio::task::JoinHandle<()>) {
+        let dir = std::env::temp_dir().join(format!("husk-qmp-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let peer = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut r = BufReader::new(r);
+            if greet {
+                w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                    .await
+                    .unwrap();
+                let mut line = String::new();
+                r.read_line(&mut line).await.unwrap();
+                w.write_all(b"{\"return\": {}}\n").await.unwrap();
+            }
+            // Read and never answer.
+            let mut line = String::new();
+            while r.read_line(&mut line).await.unwrap_or(0) > 0 {}
+        });
+        (dir, peer)
+    }
+
+    #[tokio::test]
+    async fn a_command_qemu_never_answers_times_out_within_the_deadline() {
+        let (dir, peer) = silent_peer("mute", true).await;
+        let deadline = Duration::from_millis(300);
+        let mut q = Qmp::connect_with_deadline(&dir.join("qmp.sock"), deadline)
+            .await
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        let e = q.status().await.unwrap_err();
+        let took = t0.elapsed();
+        assert!(matches!(e, QmpError::Timeout { .. }), "{e}");
+        assert!(e.to_string().contains("query-status"), "{e}");
+        assert!(took >= deadline && took < deadline * 3, "{took:?}");
+        // The session is out of step now: refused at once.
+        assert!(matches!(
+            q.execute("cont", None).await,
+            Err(QmpError::Closed)
+        ));
+        drop(q);
+        peer.await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_never_greets_times_out() {
+        let (dir, peer) = silent_peer("nogreet", false).await;
+        let t0 = std::time::Instant::now();
+        let e = Qmp::connect_with_deadline(&dir.join("qmp.sock"), Duration::from_millis(200))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, QmpError::Timeout { .. }), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(1));
+        peer.await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]

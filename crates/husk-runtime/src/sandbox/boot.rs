@@ -41,16 +41,21 @@ pub async fn boot(
             daemon: cfg.find_virtiofsd().ok_or(SandboxError::NoVirtiofsd)?,
             socket: dir.virtiofsd_socket(),
         },
-        SharedFsKind::Auto => match cfg.find_virtiofsd() {
-            Some(daemon) => SharedFs::Virtiofs {
-                daemon,
-                socket: dir.virtiofsd_socket(),
-            },
-            None => {
-                tracing::info!("virtiofsd not found; sharing files over 9p");
-                SharedFs::NineP
-            }
+        // 9p is served by QEMU itself, as root: never a silent fallback.
+        SharedFsKind::Auto => SharedFs::Virtiofs {
+            daemon: cfg.find_virtiofsd().ok_or(SandboxError::NoVirtiofsd)?,
+            socket: dir.virtiofsd_socket(),
         },
+    };
+    // QEMU drops to a leased uid unless it serves 9p (which must read and
+    // chown root's files: it stays root, under its seccomp sandbox).
+    let uid_pool = match shared_fs {
+        SharedFs::Virtiofs { .. } => Some(husk_hypervisor::UidPool {
+            first: cfg.hypervisor.uid_first,
+            count: cfg.hypervisor.uid_count,
+            lock_dir: cfg.hypervisor.uid_lock_dir.clone(),
+        }),
+        SharedFs::NineP => None,
     };
     let mut kernel_params = vec![
         format!("{KERNEL_LOG_PARAM}={agent_log}"),
@@ -74,6 +79,8 @@ pub async fn boot(
         agent_socket: dir.agent_socket(),
         qmp_socket: dir.qmp_socket(),
         console_log: dir.console_log(),
+        console_log_limit: cfg.hypervisor.console_log_limit_bytes,
+        uid_pool,
         hypervisor_log: dir.hypervisor_log(),
         host_cpus: cfg.hypervisor.host_cpus.clone(),
     };

@@ -70,7 +70,7 @@ pub enum SandboxError {
     HostCgroup(#[from] crate::host_cgroup::HostCgroupError),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
-    #[error("virtiofsd not found: install it with `cargo install virtiofsd` (make setup), set shared_fs.virtiofsd, or set shared_fs.kind = \"9p\"")]
+    #[error("virtiofsd not found (searched $PATH, /usr/local/bin, /usr/libexec, /usr/lib/qemu, ~/.cargo/bin): install it with `cargo install virtiofsd` (make setup) or set shared_fs.virtiofsd to its path; or share over 9p with shared_fs.kind = \"9p\" in the husk config (QEMU then stays root)")]
     NoVirtiofsd,
     #[error("the VM died ({exit}) {when}; last guest console lines:\n{console}")]
     VmDied {

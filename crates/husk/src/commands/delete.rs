@@ -46,6 +46,24 @@ pub fn delete(g: &GlobalOpts, a: DeleteArgs) -> anyhow::Result<u8> {
             match t.call(&Request::Delete { force: true }) {
                 Ok(_) => poststop_done = true,
                 Err(ClientError::Unreachable { .. }) if t.stopped_since() => {}
+                // A monitor that fails the request is on its way out (its
+                // VM died: QEMU or virtiofsd killed) or wedged: --force
+                // gives it a moment, then ends it (its QEMU and mounts go
+                // with it), so a dead VM cannot pin the container.
+                // (Or it answered with its VM's death while tearing down.)
+                Err(e) if a.force => {
+                    tracing::debug!("{e}; waiting for the monitor to exit");
+                    if !wait_gone_for(&t.state, UNREACHABLE_GRACE) {
+                        tracing::warn!(
+                            pid = t.state.pid,
+                            "the monitor does not answer; killing it"
+                        );
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(t.state.pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -88,10 +106,20 @@ fn run_poststop(s: &ContainerState) {
 /// gets a 3 s grace period to quit).
 const MONITOR_EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long `delete --force` waits for a monitor that stopped answering
+/// before it kills it.
+const UNREACHABLE_GRACE: Duration = Duration::from_secs(5);
+
 /// Waits (briefly) for the monitor to exit after it tore the sandbox down.
 fn wait_gone(s: &ContainerState) {
+    wait_gone_for(s, MONITOR_EXIT_TIMEOUT);
+}
+
+/// Waits up to `timeout` for the monitor to exit; whether it did.
+fn wait_gone_for(s: &ContainerState, timeout: Duration) -> bool {
     let start = Instant::now();
-    while s.monitor_alive() && start.elapsed() < MONITOR_EXIT_TIMEOUT {
+    while s.monitor_alive() && start.elapsed() < timeout {
         std::thread::sleep(Duration::from_millis(5));
     }
+    !s.monitor_alive()
 }
