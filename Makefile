@@ -71,15 +71,17 @@ lint:
 test-unit:
 	cargo test --workspace --exclude husk-e2e
 
-## test-root: the tests that need root but no VM: the agent as a process
+## test-root: the tests that need root but no VM: the agent as a process,
+## the share's mounts and the host cgroup
 test-root:
-	cargo test -p husk-agent --features root-tests --tests
+	cargo test --no-fail-fast -p husk-agent --features root-tests --tests
+	cargo test --no-fail-fast -p husk-runtime --features root-tests --test share_root --test host_cgroup_root
 
 ## test-e2e: real VMs under QEMU (root)
 test-e2e: build guest
 	HUSK_BIN=$(TARGET_DIR)/release/husk HUSK_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) \
 	  HUSK_SHIM_BIN=$(TARGET_DIR)/release/containerd-shim-husk-v2 \
-	  cargo test -p husk-e2e --features vm-tests -- --test-threads=2
+	  cargo test --no-fail-fast -p husk-e2e --features vm-tests -- --test-threads=2
 
 ## test: every layer this machine can run
 test: setup lint test-unit test-root test-e2e

@@ -445,8 +445,22 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         // this setup's directory); containerd itself runs on.
         let me: Vec<u32> = self.child.iter().map(|c| c.id()).collect();
         crate::leak::assert_clean_except(Duration::from_secs(30), &me);
-        let pods = entries_per_namespace(&self.dir.path().join("shim"));
-        assert!(pods.is_empty(), "pod state left behind: {pods:?}");
+        // containerd cleans a dead shim's pod (`shim delete`) after it has
+        // dropped the task: give it a moment.
+        let shim_root = self.dir.path().join("shim");
+        let _ = try_wait_until(Duration::from_secs(15), || {
+            entries_per_namespace(&shim_root).is_empty()
+        });
+        let pods = entries_per_namespace(&shim_root);
+        let listing: Vec<String> = pods
+            .iter()
+            .flat_map(|p| std::fs::read_dir(p).into_iter().flatten().flatten())
+            .map(|e| e.path().display().to_string())
+            .collect();
+        assert!(
+            pods.is_empty(),
+            "pod state left behind: {pods:?}, holding {listing:?}"
+        );
         let tasks = self.dir.path().join("state/io.containerd.runtime.v2.task");
         let bundles = entries_per_namespace(&tasks);
         assert!(bundles.is_empty(), "task bundles left behind: {bundles:?}");
