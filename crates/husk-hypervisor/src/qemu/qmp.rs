@@ -54,6 +54,29 @@ pub enum QmpMessage {
     Error { class: String, desc: String },
 }
 
+/// The longest line accepted from QEMU: its replies are small, and a
+/// compromised QEMU must not grow the host's memory without bound.
+pub const MAX_LINE: u64 = 1 << 20;
+
+/// Reads and classifies one line (at most [`MAX_LINE`] bytes).
+async fn read_message<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+) -> Result<QmpMessage, QmpError> {
+    use tokio::io::AsyncReadExt;
+    let mut raw = Vec::new();
+    let n = reader.take(MAX_LINE).read_until(b'\n', &mut raw).await?;
+    if n == 0 {
+        return Err(QmpError::Closed);
+    }
+    if raw.last() != Some(&b'\n') && n as u64 == MAX_LINE {
+        return Err(QmpError::Unexpected {
+            command: "a reply".into(),
+            reply: format!("a line of more than {MAX_LINE} bytes"),
+        });
+    }
+    parse_line(String::from_utf8_lossy(&raw).trim_end())
+}
+
 /// Classifies one QMP line.
 pub fn parse_line(line: &str) -> Result<QmpMessage, QmpError> {
     let v: Value = serde_json::from_str(line).map_err(|source| QmpError::Parse {
@@ -160,11 +183,7 @@ impl Qmp {
     }
 
     async fn next_message(&mut self) -> Result<QmpMessage, QmpError> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line).await? == 0 {
-            return Err(QmpError::Closed);
-        }
-        parse_line(line.trim_end())
+        read_message(&mut self.reader).await
     }
 
     /// Runs one command and returns its `return` value, failing with
@@ -380,5 +399,68 @@ mod tests {
         assert_eq!(err.to_string(), "stop failed: GenericError: busy");
         peer.await.unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A compromised QEMU is the guest's: whatever it writes, the reader
+    /// returns a message or an error, never panics, never holds more than
+    /// a line's limit.
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn valid() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just(r#"{"QMP": {"version": {}, "capabilities": []}}"#.to_string()),
+                Just(r#"{"return": {"status": "running", "running": true}}"#.to_string()),
+                Just(r#"{"error": {"class": "GenericError", "desc": "no"}}"#.to_string()),
+                Just(r#"{"event": "SHUTDOWN", "data": {"guest": true}}"#.to_string()),
+            ]
+        }
+
+        fn line() -> impl Strategy<Value = Vec<u8>> {
+            let mutated = (
+                valid(),
+                prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            )
+                .prop_map(|(v, flips)| {
+                    let mut b = v.into_bytes();
+                    for (at, x) in flips {
+                        let i = at.index(b.len());
+                        b[i] = x;
+                    }
+                    b
+                });
+            prop_oneof![
+                valid().prop_map(String::into_bytes),
+                mutated,
+                prop::collection::vec(any::<u8>(), 0..256),
+                ".{0,64}".prop_map(|s| format!("{{\"return\": {s}}}").into_bytes()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_line_is_a_message_or_an_error(bytes in line()) {
+                let text = String::from_utf8_lossy(&bytes).to_string();
+                let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                let mut input = bytes.clone();
+                input.push(b'\n');
+                let got = rt.block_on(read_message(&mut &input[..]));
+                // Only JSON is ever taken for a message.
+                if got.is_ok() {
+                    let json = serde_json::from_str::<Value>(text.trim_end());
+                    prop_assert!(json.is_ok(), "accepted {text:?}");
+                }
+            }
+        }
+
+        #[tokio::test]
+        async fn an_endless_line_is_refused_at_the_limit() {
+            let long = vec![b'x'; (MAX_LINE as usize) * 2];
+            let e = read_message(&mut &long[..]).await.unwrap_err();
+            assert!(e.to_string().contains("more than"), "{e}");
+        }
     }
 }
