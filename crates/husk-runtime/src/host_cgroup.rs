@@ -628,6 +628,15 @@ impl HostCgroup {
         self.hierarchies.iter().map(|d| d.leaf.as_path()).collect()
     }
 
+    /// Every directory this made, outermost first in each hierarchy: what
+    /// [`remove_made`] takes away after this process died.
+    pub fn made(&self) -> Vec<PathBuf> {
+        self.hierarchies
+            .iter()
+            .flat_map(|d| d.created.iter().cloned())
+            .collect()
+    }
+
     /// Whether this is a cgroup v2 cgroup.
     pub fn is_v2(&self) -> bool {
         self.v2
@@ -736,6 +745,51 @@ fn remove_dirs(d: &Dir, deadline: Instant) -> Result<(), HostCgroupError> {
         }
     }
     Ok(())
+}
+
+/// Removes the directories a sandbox's [`HostCgroup::made`] listed after
+/// its owner died without removing them: whatever still runs in them is
+/// the dead sandbox's (a VMM helper that outlived it) and is killed; then
+/// each is removed, deepest first, only under `/sys/fs/cgroup`, never a
+/// parent another sandbox still uses.
+pub fn remove_made(made: &[PathBuf]) {
+    for dir in made.iter().rev() {
+        let safe = dir.starts_with("/sys/fs/cgroup/")
+            && !dir
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir));
+        if !safe {
+            tracing::warn!(path = %dir.display(), "not a cgroup directory; left alone");
+            continue;
+        }
+        let members = || procs(dir).unwrap_or_default();
+        // Only a leaf is the sandbox's own; a parent may hold others'.
+        let leaf = std::fs::read_dir(dir)
+            .map(|mut it| !it.any(|e| e.is_ok_and(|e| e.path().is_dir())))
+            .unwrap_or(false);
+        let left = if leaf { members() } else { Vec::new() };
+        for pid in &left {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if !left.is_empty() {
+            let t0 = std::time::Instant::now();
+            while !members().is_empty() && t0.elapsed() < REMOVE_TIMEOUT {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        match std::fs::remove_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // A parent another sandbox still uses.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && left.is_empty() => {
+                tracing::debug!(path = %dir.display(), "cgroup still in use")
+            }
+            Err(e) => tracing::warn!(path = %dir.display(), error = %e, "cgroup left in place"),
+        }
+    }
 }
 
 #[cfg(test)]

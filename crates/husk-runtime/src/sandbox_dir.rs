@@ -154,6 +154,10 @@ pub fn restrict(path: &Path, mode: u32) -> std::io::Result<()> {
 /// Name of the share's staging dir in the sandbox dir.
 pub const SHARE_STAGING: &str = "share.host";
 
+/// The host cgroup directories the sandbox made, one per line (for the
+/// cleanup after an owner that died: [`remove_leftovers`]).
+pub const HOST_CGROUP_FILE: &str = "host-cgroup";
+
 /// Name of the monitor's API socket in the sandbox dir.
 pub const MONITOR_SOCKET: &str = "monitor.sock";
 
@@ -166,6 +170,7 @@ const RUNTIME_FILES: &[&str] = &[
     "console.log",
     "qemu.log",
     MONITOR_SOCKET,
+    HOST_CGROUP_FILE,
 ];
 
 fn remove_runtime_files(dir: &Path) {
@@ -186,6 +191,10 @@ fn remove_state(dir: &Path) {
 /// Only empty directories and empty files are removed from the share, so
 /// nothing that was mounted there can be deleted through it.
 pub fn remove_leftovers(dir: &Path) {
+    if let Ok(list) = fs::read_to_string(dir.join(HOST_CGROUP_FILE)) {
+        let made: Vec<PathBuf> = list.lines().map(PathBuf::from).collect();
+        crate::host_cgroup::remove_made(&made);
+    }
     remove_runtime_files(dir);
     remove_skeleton(&dir.join("share"));
     remove_skeleton(&dir.join(SHARE_STAGING));

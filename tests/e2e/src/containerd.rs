@@ -459,7 +459,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             .collect();
         assert!(
             pods.is_empty(),
-            "pod state left behind: {pods:?}, holding {listing:?}"
+            "pod state left behind: {pods:?}, holding {listing:?}\ncontainerd log:\n{}",
+            self.log_tail()
         );
         let tasks = self.dir.path().join("state/io.containerd.runtime.v2.task");
         let bundles = entries_per_namespace(&tasks);

@@ -547,4 +547,12 @@ fn ctrd_restart_keeps_tasks_dead_vms_and_shims_are_cleaned() {
     );
     assert_exit(&c.ctr_out(&["container", "rm", "r1", "r2"]), 0);
     c.assert_no_leaks();
+    // The dead shim's host cgroup (`/default/r2`, ctr's cgroupsPath) went
+    // with its pod.
+    for h in ["memory", "cpu", "pids"] {
+        let dir = std::path::Path::new("/sys/fs/cgroup")
+            .join(h)
+            .join("default/r2");
+        assert!(!dir.exists(), "host cgroup left behind: {}", dir.display());
+    }
 }

@@ -180,6 +180,18 @@ impl super::Sandbox {
         // QEMU and virtiofsd are started by this process, so they start
         // in its cgroup: join the sandbox's before booting.
         let host_cgroup = join_host_cgroup(&sized, owner, id)?;
+        if let Some(cg) = &host_cgroup {
+            // For whoever cleans up after this process, should it die.
+            let list: String = cg
+                .made()
+                .iter()
+                .map(|p| format!("{}\n", p.display()))
+                .collect();
+            let file = dir.path().join(crate::sandbox_dir::HOST_CGROUP_FILE);
+            if let Err(e) = std::fs::write(&file, list) {
+                tracing::warn!(path = %file.display(), error = %e, "cannot record the host cgroup");
+            }
+        }
         let mut parts = boot(&sized, hv, probe, dir, id, agent_log).await?;
         parts.host_cgroup = host_cgroup;
         tracing::info!(
