@@ -27,8 +27,7 @@ fn vm_exit_status_and_signals() {
     // The init of a PID namespace cannot be SIGKILLed from inside it (as
     // under runc), so this container shares the guest's PID namespace.
     let mut b = Bundle::busybox(&["sh", "-c", "kill -9 $$"]);
-    b.spec["linux"]["namespaces"] =
-        serde_json::json!([{"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]);
+    b.spec["linux"]["namespaces"] = serde_json::json!([{"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}]);
     b.save();
     assert_exit(&env.run(&b, "kill9", b""), 137);
     env.assert_no_leaks();
