@@ -17,17 +17,20 @@ pub enum BundleError {
 }
 
 /// Whether `spec` asks for the host's network stack: its
-/// `linux.namespaces` is given and has no `network` entry. A spec without
-/// `linux.namespaces` at all is not refused: its container shares the
-/// guest's own network namespace (loopback only).
+/// `linux.namespaces` lists namespaces but no `network` one (`--network
+/// host` and its kin drop just that entry). A spec without
+/// `linux.namespaces`, or with an empty list (which Go's `omitempty` makes
+/// the same JSON), is not refused: its container shares the guest's own
+/// network namespace (loopback only), as it shares the guest's others.
 pub fn wants_host_network(spec: &Spec) -> bool {
     spec.linux()
         .as_ref()
         .and_then(|l| l.namespaces().as_ref())
         .is_some_and(|list| {
-            !list
-                .iter()
-                .any(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+            !list.is_empty()
+                && !list
+                    .iter()
+                    .any(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
         })
 }
 
@@ -154,6 +157,12 @@ mod tests {
                 r#"{"type":"mount"}"#,
                 r#"{"type":"mount"},{"type":"network","path":"/run/netns/x"}"#,
             ),
+        )
+        .unwrap();
+        Bundle::load(&d).unwrap();
+        std::fs::write(
+            d.join("config.json"),
+            GOOD.replace(r#""root""#, r#""linux":{"namespaces":[]},"root""#),
         )
         .unwrap();
         Bundle::load(&d).unwrap();
