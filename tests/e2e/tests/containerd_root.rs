@@ -518,6 +518,27 @@ fn ctrd_pod_members_share_loopback() {
     assert!(text.contains("200 OK"), "{text}");
     assert!(text.contains("root:x:0:0"), "{text}");
     assert_eq!(c.qemus().len(), 1, "one VM for the pod");
+    // The member's network, IPC and UTS namespaces are the sandbox's; its
+    // PID and mount namespaces its own.
+    let links = |id: &str| {
+        let o = c.ctr_out(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "links",
+            id,
+            "sh",
+            "-c",
+            "for n in net ipc uts pid mnt; do readlink /proc/self/ns/$n; done",
+        ]);
+        assert_exit(&o, 0);
+        out(&o).lines().map(str::to_string).collect::<Vec<_>>()
+    };
+    let (theirs, ours) = (links("pod3"), links("pod3-srv"));
+    assert_eq!(theirs.len(), 5, "{theirs:?}");
+    assert_eq!(theirs[..3], ours[..3], "shared with the sandbox");
+    assert_ne!(theirs[3], ours[3], "own pid namespace");
+    assert_ne!(theirs[4], ours[4], "own mount namespace");
 
     for id in ["pod3-srv", "pod3"] {
         assert_exit(&c.ctr_out(&["task", "kill", "-s", "SIGKILL", id]), 0);
