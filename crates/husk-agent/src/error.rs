@@ -48,6 +48,7 @@ pub fn code(error: &AgentError) -> Code {
             C::NotRunning { .. }
             | C::ExecStarting { .. }
             | C::NoTerminal { .. }
+            | C::JoinTarget { .. }
             | C::NoCgroup(_) => Code::FAILED_PRECONDITION,
             C::Cgroup { source, .. } => match source {
                 CgroupError::Resources(_)

@@ -132,7 +132,15 @@ pub fn power_off() {
 
 /// Runs the agent as PID 1. Never returns.
 pub fn run() -> ! {
-    let problems = mount_early();
+    let mut problems = mount_early();
+    // The guest's own network namespace (the sandbox's, which a container
+    // without a network namespace of its own shares): `lo` up, as in every
+    // new one (`container/init.rs`).
+    if let Err(e) = crate::sys::set_loopback_up() {
+        problems.push(format!(
+            "bringing up the guest's loopback interface lo: {e}"
+        ));
+    }
     ensure_console();
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let filter = logging::filter_from_cmdline(&cmdline)

@@ -74,6 +74,56 @@ pub fn set_controlling_terminal(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// Brings the loopback interface `lo` of the calling thread's network
+/// namespace up, as runc does for every new network namespace: the kernel
+/// then gives it 127.0.0.1/8 and ::1 itself. Reads the flags first
+/// (`SIOCGIFFLAGS`) and only adds `IFF_UP` (`SIOCSIFFLAGS`); needs
+/// `CAP_NET_ADMIN` over the namespace.
+pub fn set_loopback_up() -> io::Result<()> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: `ifreq` is plain old data (integers, byte arrays and a union of
+    // them), for which all-zero bytes are a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name from and writes the
+    // flags into the `ifreq` the pointer points to, which is live, initialised
+    // and exclusively borrowed for the duration of the call.
+    if unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCGIFFLAGS,
+            &mut req as *mut libc::ifreq,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFFLAGS has just filled `ifru_flags`, the union's active
+    // field; reading and updating that same field is sound.
+    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS only reads the `ifreq` (name and flags) through
+    // the pointer, which is live and initialised for the duration of the call.
+    if unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCSIFFLAGS,
+            &req as *const libc::ifreq,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Sets the window size of the terminal open at `fd`.
 pub fn set_window_size(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> io::Result<()> {
     let size = libc::winsize {

@@ -48,6 +48,16 @@ pub const SHARE_TAG: &str = "husk-share";
 /// Where the agent mounts the sandbox's shared filesystem in the guest.
 pub const GUEST_SHARE_DIR: &str = "/run/husk/share";
 
+/// A `linux.namespaces[].path` in a guest spec that names another
+/// container of the same sandbox: `<CONTAINER_NS_PREFIX><cid>` means "the
+/// namespace of this type of container `cid`'s init". The host writes it
+/// for a pod member, whose own spec names the pod's sandbox container by a
+/// host path (`/proc/<pid>/ns/net`); the agent joins the namespace of that
+/// container's init (`/proc/<its guest pid>/ns/<type>`). A convention of
+/// the spec, not a message: older agents see an unknown path and give the
+/// container a new namespace, as before.
+pub const CONTAINER_NS_PREFIX: &str = "/run/husk/containers/";
+
 /// Largest stdout/stderr chunk one `Read*` call returns, and the largest
 /// stdin chunk the host sends in one `WriteStdin` call.
 pub const MAX_CHUNK: u32 = 256 * 1024;

@@ -12,6 +12,26 @@ pub enum BundleError {
     NoConfig(PathBuf),
     #[error("invalid {path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("{path}: linux.namespaces has no network namespace, which means sharing the host's network stack (podman/docker --network host, ctr --net-host, a Kubernetes hostNetwork pod); a container in a VM cannot share the host's network stack. Give it a network namespace instead: --network none (loopback only), a bridge network or --network slirp4netns (podman), CNI (containerd's CRI, ctr --cni)")]
+    HostNetwork { path: PathBuf },
+}
+
+/// Whether `spec` asks for the host's network stack: its
+/// `linux.namespaces` lists namespaces but no `network` one (`--network
+/// host` and its kin drop just that entry). A spec without
+/// `linux.namespaces`, or with an empty list (which Go's `omitempty` makes
+/// the same JSON), is not refused: its container shares the guest's own
+/// network namespace (loopback only), as it shares the guest's others.
+pub fn wants_host_network(spec: &Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|list| {
+            !list.is_empty()
+                && !list
+                    .iter()
+                    .any(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+        })
 }
 
 /// A loaded, validated bundle.
@@ -69,6 +89,9 @@ impl Bundle {
         if process.args().as_ref().is_none_or(|a| a.is_empty()) {
             return Err(invalid("process.args is empty: nothing to run".into()));
         }
+        if wants_host_network(&spec) {
+            return Err(BundleError::HostNetwork { path: config });
+        }
         Ok(Bundle { dir, spec, rootfs })
     }
 }
@@ -112,6 +135,37 @@ mod tests {
         std::fs::write(d.join("config.json"), GOOD.replace("[\"sh\"]", "[]")).unwrap();
         let e = Bundle::load(&d).unwrap_err();
         assert!(e.to_string().contains("process.args is empty"), "{e}");
+
+        // Namespaces without a network one: the host's network, refused.
+        let host_net = GOOD.replace(
+            r#""root""#,
+            r#""linux":{"namespaces":[{"type":"pid"},{"type":"mount"}]},"root""#,
+        );
+        std::fs::write(d.join("config.json"), &host_net).unwrap();
+        let e = Bundle::load(&d).unwrap_err();
+        assert!(matches!(e, BundleError::HostNetwork { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("cannot share the host's network stack"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("--network none"), "{e}");
+        // With a network namespace (or no list at all) it loads.
+        std::fs::write(
+            d.join("config.json"),
+            host_net.replace(
+                r#"{"type":"mount"}"#,
+                r#"{"type":"mount"},{"type":"network","path":"/run/netns/x"}"#,
+            ),
+        )
+        .unwrap();
+        Bundle::load(&d).unwrap();
+        std::fs::write(
+            d.join("config.json"),
+            GOOD.replace(r#""root""#, r#""linux":{"namespaces":[]},"root""#),
+        )
+        .unwrap();
+        Bundle::load(&d).unwrap();
 
         std::fs::write(d.join("config.json"), GOOD.replace("rootfs", "nope")).unwrap();
         let e = Bundle::load(&d).unwrap_err();

@@ -13,7 +13,11 @@
 //! - Read-only binds and a read-only rootfs are marked so: the share makes
 //!   them read-only on the host side, not only in the guest.
 //! - Namespace paths name host namespaces, which the guest cannot join; they
-//!   are dropped (the container gets fresh namespaces in the guest).
+//!   are dropped (the container gets fresh namespaces in the guest), except
+//!   for a pod member (`pod::membership`): its network, IPC and UTS paths
+//!   (CRI points them at the sandbox container's pid) become
+//!   `husk_protocol::CONTAINER_NS_PREFIX` + the sandbox id, and the agent
+//!   joins the namespaces of the sandbox container's init in the guest.
 //! - Hooks run on the host and are not sent to the guest.
 //! - Resources that name host hardware are not sent either:
 //!   `cpu.cpus`/`cpu.mems` (host CPUs and NUMA nodes: the VM is pinned to
@@ -23,8 +27,8 @@
 
 use std::path::{Path, PathBuf};
 
-use husk_protocol::GUEST_SHARE_DIR;
-use oci_spec::runtime::{Mount, Spec};
+use husk_protocol::{CONTAINER_NS_PREFIX, GUEST_SHARE_DIR};
+use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 
 /// A host path the host must bind-mount into the share before the agent
 /// builds the container.
@@ -180,12 +184,30 @@ pub fn guest_spec(
         }
     }
 
+    let pod = match crate::pod::membership(&spec) {
+        crate::pod::Membership::Member { sandbox_id } => Some(sandbox_id),
+        crate::pod::Membership::Owner => None,
+    };
     if let Some(linux) = spec.linux_mut() {
         if let Some(nss) = linux.namespaces_mut() {
             for ns in nss.iter_mut() {
-                if ns.path().is_some() {
-                    tracing::debug!(ns = ?ns.typ(), "dropping a host namespace path: the guest cannot join it");
-                    ns.set_path(None);
+                if ns.path().is_none() {
+                    continue;
+                }
+                let shared_by_pod = matches!(
+                    ns.typ(),
+                    LinuxNamespaceType::Network | LinuxNamespaceType::Ipc | LinuxNamespaceType::Uts
+                );
+                match &pod {
+                    Some(sandbox) if shared_by_pod => {
+                        let guest = format!("{CONTAINER_NS_PREFIX}{sandbox}");
+                        tracing::debug!(ns = ?ns.typ(), host = ?ns.path(), guest, "a pod member joins its sandbox container's namespace");
+                        ns.set_path(Some(PathBuf::from(guest)));
+                    }
+                    _ => {
+                        tracing::debug!(ns = ?ns.typ(), "dropping a host namespace path: the guest cannot join it");
+                        ns.set_path(None);
+                    }
                 }
             }
         }
@@ -338,6 +360,38 @@ mod tests {
         let io = r.block_io().as_ref().unwrap();
         assert_eq!(io.weight(), Some(200));
         assert!(io.throttle_read_bps_device().is_none());
+    }
+
+    #[test]
+    fn a_pod_member_joins_its_sandbox_namespaces() {
+        let member = S.replace(
+            r#""namespaces": [{"type": "pid"}, {"type": "network", "path": "/proc/42/ns/net"}]"#,
+            r#""namespaces": [{"type": "pid", "path": "/proc/42/ns/pid"}, {"type": "network", "path": "/proc/42/ns/net"}, {"type": "ipc", "path": "/proc/42/ns/ipc"}, {"type": "uts", "path": "/proc/42/ns/uts"}, {"type": "mount"}]"#,
+        ).replace(
+            r#""ociVersion": "1.0.2","#,
+            r#""ociVersion": "1.0.2", "annotations": {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "pod1"},"#,
+        );
+        let g = guest_spec(
+            &spec(&member),
+            "c2",
+            Path::new("/b"),
+            Path::new("/b/rootfs"),
+        )
+        .unwrap();
+        let nss = g
+            .spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .clone()
+            .unwrap();
+        let paths: Vec<_> = nss
+            .iter()
+            .map(|n| n.path().as_ref().map(|p| p.to_string_lossy().into_owned()))
+            .collect();
+        let pod = Some("/run/husk/containers/pod1".to_string());
+        assert_eq!(paths, [None, pod.clone(), pod.clone(), pod, None]);
     }
 
     fn with_bind(source: &str, options: &[&str]) -> Spec {

@@ -37,7 +37,8 @@ pub fn busybox_rootfs(rootfs: &Path) {
 
 /// The default OCI spec of every test: runc-like (the mounts of `runc
 /// spec`), root, `args` as the process, the rootfs at `rootfs` relative to
-/// the bundle, and pid/ipc/uts/mount namespaces. Tests edit the value.
+/// the bundle, and pid/ipc/uts/mount/network namespaces (as `runc spec`:
+/// husk refuses a list without a network namespace). Tests edit the value.
 pub fn default_spec(args: &[&str]) -> Value {
     json!({
         "ociVersion": "1.0.2",
@@ -60,7 +61,7 @@ pub fn default_spec(args: &[&str]) -> Value {
             {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}
         ],
         "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}]
         }
     })
 }

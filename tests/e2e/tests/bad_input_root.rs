@@ -105,3 +105,31 @@ fn root_missing_config_file() {
     assert_one_line_error(&o, "/nonexistent/husk.toml");
     env.assert_no_leaks();
 }
+
+/// A spec whose namespaces leave out the network one asks for the host's
+/// network stack (`--network host`), which a VM cannot share: refused at
+/// create with what to use instead, nothing booted.
+#[test]
+fn root_host_network_is_refused() {
+    let _leaks = LeakGuard::new();
+    let env = Env::new("hostnet");
+    let mut b = Bundle::busybox(&["true"]);
+    b.spec["linux"]["namespaces"] =
+        serde_json::json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]);
+    b.save();
+    for verb in ["run", "create"] {
+        let o = env
+            .husk()
+            .arg(verb)
+            .arg("--bundle")
+            .arg(b.dir())
+            .arg("hostnet")
+            .output()
+            .unwrap();
+        assert_one_line_error(&o, "cannot share the host's network stack");
+        let err = stderr(&o);
+        assert!(err.contains("--network none"), "{err}");
+        assert!(err.contains("slirp4netns"), "{err}");
+    }
+    env.assert_no_leaks();
+}

@@ -461,6 +461,94 @@ fn ctrd_pod_shares_one_vm() {
     c.assert_no_leaks();
 }
 
+/// The containers of a pod share its network (and IPC, UTS) namespaces in
+/// the guest, as CRI asks: the members' namespace paths name the sandbox
+/// task's pid (`--with-ns`, as containerd's CRI writes them). One member
+/// serves on 127.0.0.1:8080, the other connects to it.
+#[test]
+fn ctrd_pod_members_share_loopback() {
+    let _leaks = LeakGuard::new();
+    let c = Containerd::start("podnet");
+    let sandbox = [
+        "--annotation",
+        "io.kubernetes.cri.container-type=sandbox",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=pod3",
+    ];
+    c.run_detached(&sandbox, "pod3", &["sleep", "1000"]);
+    let ls = c.ctr_out(&["task", "ls"]);
+    let pid = out(&ls)
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.first() == Some(&"pod3")).then(|| f.get(1).unwrap_or(&"").to_string())
+        })
+        .expect("the sandbox task's pid");
+    let ns = |t: &str| {
+        format!(
+            "{t}:/proc/{pid}/ns/{}",
+            if t == "network" { "net" } else { t }
+        )
+    };
+    let (net, ipc, uts) = (ns("network"), ns("ipc"), ns("uts"));
+    let member = [
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=pod3",
+        "--with-ns",
+        &net,
+        "--with-ns",
+        &ipc,
+        "--with-ns",
+        &uts,
+    ];
+    c.run_detached(
+        &member,
+        "pod3-srv",
+        &["httpd", "-f", "-p", "127.0.0.1:8080", "-h", "/etc"],
+    );
+    let client = "for i in $(seq 100); do \
+                    printf 'GET /passwd HTTP/1.0\\r\\n\\r\\n' | nc 127.0.0.1 8080 && exit 0; \
+                    sleep 0.1; \
+                  done; exit 1";
+    let o = c.run_rm(&member, "pod3-cli", &["sh", "-c", client]);
+    assert_exit(&o, 0);
+    let text = out(&o);
+    assert!(text.contains("200 OK"), "{text}");
+    assert!(text.contains("root:x:0:0"), "{text}");
+    assert_eq!(c.qemus().len(), 1, "one VM for the pod");
+    // The member's network, IPC and UTS namespaces are the sandbox's; its
+    // PID and mount namespaces its own.
+    let links = |id: &str| {
+        let o = c.ctr_out(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "links",
+            id,
+            "sh",
+            "-c",
+            "for n in net ipc uts pid mnt; do readlink /proc/self/ns/$n; done",
+        ]);
+        assert_exit(&o, 0);
+        out(&o).lines().map(str::to_string).collect::<Vec<_>>()
+    };
+    let (theirs, ours) = (links("pod3"), links("pod3-srv"));
+    assert_eq!(theirs.len(), 5, "{theirs:?}");
+    assert_eq!(theirs[..3], ours[..3], "shared with the sandbox");
+    assert_ne!(theirs[3], ours[3], "own pid namespace");
+    assert_ne!(theirs[4], ours[4], "own mount namespace");
+
+    for id in ["pod3-srv", "pod3"] {
+        assert_exit(&c.ctr_out(&["task", "kill", "-s", "SIGKILL", id]), 0);
+        c.wait_status(id, "STOPPED");
+        c.ctr_out(&["task", "delete", id]);
+    }
+    assert_exit(&c.ctr_out(&["container", "rm", "pod3-srv", "pod3"]), 0);
+    c.assert_no_leaks();
+}
+
 #[test]
 fn ctrd_restart_keeps_tasks_dead_vms_and_shims_are_cleaned() {
     let _leaks = LeakGuard::new();

@@ -43,6 +43,11 @@ const CASES: &[Case] = &[
     ("stop_kills_after_the_timeout", stop_kills_after_the_timeout),
     ("kill_signals_then_rm", kill_signals_then_rm),
     ("exec_tty_and_rm_force", exec_tty_and_rm_force),
+    (
+        "network_none_serves_on_loopback",
+        network_none_serves_on_loopback,
+    ),
+    ("network_host_is_refused", network_host_is_refused),
 ];
 
 // ---- helpers
@@ -102,6 +107,59 @@ fn wait_exit(p: &Podman, id: &str) -> i32 {
 }
 
 // ---- cases
+
+/// `--network none`: the container has `lo`, up, and nothing else; a server
+/// bound to 127.0.0.1 (busybox httpd, as in issue 10) answers a client in
+/// the same container.
+fn network_none_serves_on_loopback(p: &Podman) {
+    let script = "ls /sys/class/net; ip addr show lo; \
+                  mkdir -p /tmp/www && echo hello-from-lo > /tmp/www/index.html; \
+                  httpd -f -p 127.0.0.1:8080 -h /tmp/www & \
+                  for i in $(seq 100); do \
+                    printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc 127.0.0.1 8080 && exit 0; \
+                    sleep 0.1; \
+                  done; exit 1";
+    let (o, id) = p.run(&["--rm", IMAGE, "sh", "-c", script]);
+    assert_exit(&o, 0);
+    let text = out(&o);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("lo"), "only lo: {text}");
+    assert!(text.contains("<LOOPBACK,UP,LOWER_UP>"), "{text}");
+    assert!(text.contains("inet 127.0.0.1/8"), "{text}");
+    assert!(text.contains("200 OK"), "{text}");
+    assert!(text.contains("hello-from-lo"), "{text}");
+    p.assert_container_gone(&id.unwrap());
+}
+
+/// `--network host`: one clear error that says why and what instead.
+fn network_host_is_refused(p: &Podman) {
+    let cidfile = p.cidfile();
+    let mut c = p.podman();
+    c.args([
+        "run",
+        "--rm",
+        "--pull=never",
+        "--network",
+        "host",
+        "--cidfile",
+    ])
+    .arg(&cidfile)
+    .args([IMAGE, "true"]);
+    let o = run_with_input(c, b"", PODMAN_TIMEOUT);
+    let id = p.record(&cidfile);
+    assert_ne!(o.status.code(), Some(0), "{}", out(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("cannot share the host's network stack"),
+        "{err}"
+    );
+    assert!(err.contains("--network none"), "{err}");
+    if let Some(id) = id {
+        // podman may keep the container record of a failed --rm run.
+        let _ = p.cmd(&["rm", "-f", &id]);
+        p.assert_container_gone(&id);
+    }
+}
 
 fn run_prints_the_guest_kernel(p: &Podman) {
     let (o, id) = p.run(&["--rm", IMAGE, "uname", "-r"]);

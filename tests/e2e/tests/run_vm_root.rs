@@ -18,6 +18,43 @@ fn vm_uname_is_the_guest_kernel() {
     env.assert_no_leaks();
 }
 
+/// Loopback in the guest: a container's own network namespace and the
+/// guest's (which a spec without `linux.namespaces` shares) both have `lo`
+/// up with 127.0.0.1, and nothing else.
+#[test]
+fn vm_loopback_is_up_in_new_and_guest_network_namespaces() {
+    let _leaks = LeakGuard::new();
+    let env = Env::new("lo");
+    let script =
+        "ls /sys/class/net; ip addr show lo; readlink /proc/self/ns/net; readlink /proc/1/ns/net";
+    let b = Bundle::busybox(&["sh", "-c", script]);
+    let o = env.run(&b, "lo-own", b"");
+    assert_exit(&o, 0);
+    let own = stdout(&o);
+    assert_eq!(own.lines().next(), Some("lo"), "{own}");
+    assert!(own.contains("<LOOPBACK,UP,LOWER_UP>"), "{own}");
+    assert!(own.contains("inet 127.0.0.1/8"), "{own}");
+
+    // No namespace list at all: the guest's own namespaces (PID 1 is the
+    // agent, whose network namespace this is).
+    let mut b = Bundle::busybox(&["sh", "-c", script]);
+    b.spec["linux"]
+        .as_object_mut()
+        .unwrap()
+        .remove("namespaces");
+    b.spec.as_object_mut().unwrap().remove("hostname");
+    b.save();
+    let o = env.run(&b, "lo-guest", b"");
+    assert_exit(&o, 0);
+    let guest = stdout(&o);
+    assert!(guest.contains("<LOOPBACK,UP,LOWER_UP>"), "{guest}");
+    assert!(guest.contains("inet 127.0.0.1/8"), "{guest}");
+    let links: Vec<&str> = guest.lines().filter(|l| l.starts_with("net:")).collect();
+    assert_eq!(links.len(), 2, "{guest}");
+    assert_eq!(links[0], links[1], "shares the guest's netns: {guest}");
+    env.assert_no_leaks();
+}
+
 #[test]
 fn vm_exit_status_and_signals() {
     let _leaks = LeakGuard::new();
@@ -27,8 +64,7 @@ fn vm_exit_status_and_signals() {
     // The init of a PID namespace cannot be SIGKILLed from inside it (as
     // under runc), so this container shares the guest's PID namespace.
     let mut b = Bundle::busybox(&["sh", "-c", "kill -9 $$"]);
-    b.spec["linux"]["namespaces"] =
-        serde_json::json!([{"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]);
+    b.spec["linux"]["namespaces"] = serde_json::json!([{"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}]);
     b.save();
     assert_exit(&env.run(&b, "kill9", b""), 137);
     env.assert_no_leaks();

@@ -144,7 +144,8 @@ fn privileged_guest_attacks(driver: Share) {
     b.set_capabilities(ALL_CAPS);
     b.spec["process"]["noNewPrivileges"] = json!(false);
     // The guest's pid namespace: PID 1 (the agent) and its mounts in reach.
-    b.spec["linux"]["namespaces"] = json!([{"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]);
+    b.spec["linux"]["namespaces"] =
+        json!([{"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}]);
     let s = format!("$S/{id}");
     let script = format!(
         "{}; \
@@ -260,7 +261,8 @@ fn vm_symlink_planted_in_the_share_is_not_followed_when_a_container_joins() {
     b.set_capabilities(ALL_CAPS);
     b.spec["process"]["noNewPrivileges"] = json!(false);
     b.spec["root"]["path"] = json!(b.rootfs());
-    b.spec["linux"]["namespaces"] = json!([{"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]);
+    b.spec["linux"]["namespaces"] =
+        json!([{"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}]);
     b.spec["annotations"] = json!({
         "io.kubernetes.cri.container-type": "sandbox",
         "io.kubernetes.cri.sandbox-id": "sj1",

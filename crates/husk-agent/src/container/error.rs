@@ -100,6 +100,19 @@ pub enum ContainerError {
     /// Start twice.
     #[error("container {0:?} was already started; it can be started only once")]
     AlreadyStarted(String),
+    /// The container joins a namespace of a container that has no live
+    /// init (a pod member created before, or after, its sandbox container).
+    #[error("container {id:?} joins the {name} namespace of container {target:?}, which {reason}; create and keep the pod's sandbox container running first")]
+    JoinTarget {
+        /// Container id.
+        id: String,
+        /// The namespace type (`net`, `ipc`, `uts`).
+        name: &'static str,
+        /// The container whose namespace it joins.
+        target: String,
+        /// Why that cannot be joined.
+        reason: String,
+    },
     /// The rootfs is not there.
     #[error("the rootfs {0} does not exist in the guest; list the storage that holds it in storages and check root.path")]
     RootfsMissing(PathBuf),

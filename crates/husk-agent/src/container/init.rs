@@ -20,8 +20,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
+use nix::fcntl::{open, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sched::{unshare, CloneFlags};
+use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::stat::{makedev, mknod, umask, Mode, SFlag};
 use nix::unistd::{self, Gid, Uid};
 
@@ -41,6 +42,15 @@ pub fn main() -> ! {
 fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
     let (config, start) = stage::take_instructions::<InitConfig>("init instructions")?;
     let console_socket = stage::take_console_socket(&config.process)?;
+    // First the namespaces of the pod's sandbox container, while the
+    // stage still holds the capabilities of the agent's user namespace.
+    join_namespaces(&config)?;
+    if config.loopback {
+        // A new network namespace has only `lo`, down; runc brings it up.
+        step(sys::set_loopback_up(), || {
+            "bringing up the loopback interface lo of the container's network namespace".to_string()
+        })?;
+    }
     // Mount points and the working directory are created 0755, like runc.
     umask(Mode::from_bits_truncate(0o022));
     if config.cgroup_namespace {
@@ -75,6 +85,41 @@ fn run(reporter: &Reporter) -> Result<Infallible, StageError> {
         reporter.send(&StageMessage::Ready);
         stage::wait_for_start(start);
     })
+}
+
+/// Joins the namespaces of other containers the agent resolved (a pod
+/// member joining its sandbox container's network, IPC and UTS namespaces).
+fn join_namespaces(config: &InitConfig) -> Result<(), StageError> {
+    for join in &config.joins {
+        let what = || {
+            format!(
+                "joining the pod's {} namespace ({})",
+                join.name,
+                join.path.display()
+            )
+        };
+        let fd = step(
+            open(
+                &join.path,
+                OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            ),
+            what,
+        )?;
+        match setns(&fd, CloneFlags::from_bits_retain(join.nstype)) {
+            Ok(()) => {}
+            // The stage is in a user namespace of its own, which holds no
+            // capability over the pod's namespaces.
+            Err(Errno::EPERM) => {
+                return Err(StageError::Spec(format!(
+                    "{}: not permitted; a container with a user namespace of its own cannot join the pod's namespaces",
+                    what()
+                )))
+            }
+            Err(e) => step(Err(e), what)?,
+        }
+    }
+    Ok(())
 }
 
 /// Mounts everything under the rootfs and moves into it.

@@ -98,10 +98,12 @@ impl Containers {
             return Err(ContainerError::RootfsMissing(config.rootfs.clone()));
         }
         let id_maps = spec::id_maps(&spec)?;
-        let (namespaces, notes) = spec::clone_flags(&spec);
+        let (namespaces, joins, notes) = spec::clone_flags(&spec);
         for note in notes.iter().chain(&ignored) {
             tracing::warn!(container = id, "{note}");
         }
+        config.joins = self.resolve_joins(id, &joins)?;
+        config.loopback = namespaces.contains(nix::sched::CloneFlags::CLONE_NEWNET);
         let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
         drop(in_spec);
         let device_nodes = spec
@@ -149,6 +151,46 @@ impl Containers {
         reservation.fill(Slot::Ready(container));
         tracing::info!(container = id, "created");
         Ok(())
+    }
+
+    /// The namespace files of the containers `id` joins: their inits'
+    /// `/proc/<pid>/ns/<name>`, checked to be there now.
+    fn resolve_joins(
+        &self,
+        id: &str,
+        joins: &[spec::NamespaceJoin],
+    ) -> Result<Vec<spec::JoinConfig>, ContainerError> {
+        joins
+            .iter()
+            .map(|join| {
+                let failed = |reason: String| ContainerError::JoinTarget {
+                    id: id.to_string(),
+                    name: join.name,
+                    target: join.container.clone(),
+                    reason,
+                };
+                let target = self.get(&join.container).map_err(|e| match e {
+                    ContainerError::Creating(_) => failed("is still being created".to_string()),
+                    _ => failed("does not exist in this sandbox".to_string()),
+                })?;
+                if let Some(status) = target.process.exit_status() {
+                    return Err(failed(format!("is not running (its init {status})")));
+                }
+                let path = std::path::PathBuf::from(format!(
+                    "/proc/{}/ns/{}",
+                    target.process.pid(),
+                    join.name
+                ));
+                if !path.exists() {
+                    return Err(failed(format!("has no {}", path.display())));
+                }
+                Ok(spec::JoinConfig {
+                    path,
+                    nstype: join.flag.bits(),
+                    name: join.name.to_string(),
+                })
+            })
+            .collect()
     }
 
     /// The container's cgroup with `resources` applied, or `None` when the

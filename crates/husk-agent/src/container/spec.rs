@@ -155,6 +155,14 @@ pub struct InitConfig {
     /// Create a cgroup namespace once the agent placed the init in its
     /// cgroup (so the container's cgroup is its root).
     pub cgroup_namespace: bool,
+    /// Namespaces of other containers the init joins first (filled in by
+    /// the agent, which knows their inits).
+    #[serde(default)]
+    pub joins: Vec<JoinConfig>,
+    /// Bring `lo` up: the init has a new network namespace (filled in by
+    /// the agent from the clone flags).
+    #[serde(default)]
+    pub loopback: bool,
     /// The compiled `linux.seccomp`, installed right before exec.
     pub seccomp: Option<SeccompProgram>,
     /// The program to run.
@@ -272,6 +280,8 @@ pub fn translate(spec: &Spec) -> Result<(InitConfig, Vec<String>), SpecError> {
         readonly_paths: paths(linux.and_then(|l| l.readonly_paths().as_ref())),
         sysctl,
         cgroup_namespace,
+        joins: Vec::new(),
+        loopback: false,
         seccomp,
         process,
     };
@@ -420,19 +430,49 @@ fn translate_mount(mount: &oci_spec::runtime::Mount) -> Result<MountEntry, SpecE
     })
 }
 
-/// The namespaces to create for the container, and notes about the ones the
-/// spec asks for that the agent does not provide.
+/// A namespace of another container of the sandbox that the init joins
+/// (`setns`) instead of creating one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceJoin {
+    /// The container whose init's namespace is joined.
+    pub container: String,
+    /// Its name under `/proc/<pid>/ns/` (`net`, `ipc`, `uts`).
+    pub name: &'static str,
+    /// Its `CLONE_NEW*` flag.
+    pub flag: CloneFlags,
+}
+
+/// A namespace the init stage joins, resolved to a path in the agent's
+/// view (`/proc/<init pid>/ns/<name>`), with its `CLONE_NEW*` bits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinConfig {
+    /// The namespace file to open.
+    pub path: PathBuf,
+    /// Its `CLONE_NEW*` flag bits (`setns`'s `nstype`).
+    pub nstype: i32,
+    /// Its type, for messages.
+    pub name: String,
+}
+
+/// The namespaces to create for the container, the ones it joins, and
+/// notes about the ones the spec asks for that the agent does not provide.
 ///
 /// The mount namespace is always new (the init pivots into the rootfs).
-/// PID, UTS, IPC and user namespaces are new when the spec lists them;
-/// one it leaves out is shared with the guest (its "host" is the VM, as
-/// under runc a missing namespace is the host's). A cgroup namespace is
-/// created by the init itself once it is in its cgroup (see
-/// `InitConfig::cgroup_namespace`), so it is not among these flags. The
-/// container shares the VM's network namespace (the VM is the sandbox, as
-/// in Kata), so a `network` entry is satisfied by the guest's own namespace.
-pub fn clone_flags(spec: &Spec) -> (CloneFlags, Vec<String>) {
+/// PID, UTS, IPC, network and user namespaces are new when the spec lists
+/// them; one it leaves out is shared with the guest (its "host" is the VM,
+/// as under runc a missing namespace is the host's). A new network
+/// namespace gets its loopback up (`InitConfig::loopback`). A cgroup
+/// namespace is created by the init itself once it is in its cgroup (see
+/// `InitConfig::cgroup_namespace`), so it is not among these flags.
+///
+/// A network, IPC or UTS entry whose path is
+/// `husk_protocol::CONTAINER_NS_PREFIX` + a container id joins that
+/// container's (a pod member joining its sandbox container's). Any other
+/// path names a host namespace, which the guest cannot join: the container
+/// gets a new one, with a note.
+pub fn clone_flags(spec: &Spec) -> (CloneFlags, Vec<NamespaceJoin>, Vec<String>) {
     let mut flags = CloneFlags::CLONE_NEWNS;
+    let mut joins = Vec::new();
     let mut notes = Vec::new();
     let namespaces = spec
         .linux()
@@ -442,11 +482,31 @@ pub fn clone_flags(spec: &Spec) -> (CloneFlags, Vec<String>) {
         .flatten();
     for ns in namespaces {
         let typ = ns.typ();
+        let joinable = match typ {
+            LinuxNamespaceType::Network => Some(("net", CloneFlags::CLONE_NEWNET)),
+            LinuxNamespaceType::Ipc => Some(("ipc", CloneFlags::CLONE_NEWIPC)),
+            LinuxNamespaceType::Uts => Some(("uts", CloneFlags::CLONE_NEWUTS)),
+            _ => None,
+        };
         if let Some(path) = ns.path() {
-            notes.push(format!(
-                "joining the {typ} namespace at {} is not supported yet; the container gets a new one",
-                path.display()
-            ));
+            let container = path
+                .to_str()
+                .and_then(|p| p.strip_prefix(husk_protocol::CONTAINER_NS_PREFIX))
+                .filter(|c| !c.is_empty() && !c.contains('/'));
+            match (joinable, container) {
+                (Some((name, flag)), Some(container)) => {
+                    joins.push(NamespaceJoin {
+                        container: container.to_string(),
+                        name,
+                        flag,
+                    });
+                    continue;
+                }
+                _ => notes.push(format!(
+                    "joining the {typ} namespace at {} is not supported yet; the container gets a new one",
+                    path.display()
+                )),
+            }
         }
         match typ {
             LinuxNamespaceType::Mount => {}
@@ -454,7 +514,7 @@ pub fn clone_flags(spec: &Spec) -> (CloneFlags, Vec<String>) {
             LinuxNamespaceType::Uts => flags |= CloneFlags::CLONE_NEWUTS,
             LinuxNamespaceType::Ipc => flags |= CloneFlags::CLONE_NEWIPC,
             LinuxNamespaceType::Cgroup => {}
-            LinuxNamespaceType::Network => {}
+            LinuxNamespaceType::Network => flags |= CloneFlags::CLONE_NEWNET,
             LinuxNamespaceType::User => flags |= CloneFlags::CLONE_NEWUSER,
             LinuxNamespaceType::Time => notes.push(
                 "time namespaces are not supported yet; the container shares the guest's clocks"
@@ -462,7 +522,7 @@ pub fn clone_flags(spec: &Spec) -> (CloneFlags, Vec<String>) {
             ),
         }
     }
-    (flags, notes)
+    (flags, joins, notes)
 }
 
 /// Spec features the agent ignores beyond the process's and the seccomp
@@ -653,25 +713,60 @@ mod tests {
 
     #[test]
     fn namespaces_and_notes() {
-        let (flags, notes) = clone_flags(&spec_of(runc_spec()));
+        let (flags, joins, notes) = clone_flags(&spec_of(runc_spec()));
         assert_eq!(
             flags,
             CloneFlags::CLONE_NEWNS
                 | CloneFlags::CLONE_NEWPID
                 | CloneFlags::CLONE_NEWUTS
                 | CloneFlags::CLONE_NEWIPC
+                | CloneFlags::CLONE_NEWNET
                 | CloneFlags::CLONE_NEWUSER
         );
         // The init makes its cgroup namespace itself, once in its cgroup.
         assert!(!flags.contains(CloneFlags::CLONE_NEWCGROUP));
-        assert!(!flags.contains(CloneFlags::CLONE_NEWNET));
+        assert!(joins.is_empty());
         assert!(notes.is_empty(), "{notes:?}");
+
+        // A pod member joins its sandbox container's network, IPC and UTS
+        // namespaces; a host path is noted and gets a new one.
+        let mut s = runc_spec();
+        let pod = |t: &str| {
+            format!("{}pod1", husk_protocol::CONTAINER_NS_PREFIX)
+                + if t.is_empty() { "" } else { t }
+        };
+        s["linux"]["namespaces"] = serde_json::json!([
+            {"type": "mount"}, {"type": "pid"},
+            {"type": "network", "path": pod("")},
+            {"type": "ipc", "path": pod("")},
+            {"type": "uts", "path": pod("")},
+            {"type": "cgroup", "path": "/proc/1/ns/cgroup"},
+            {"type": "user", "path": pod("")},
+        ]);
+        let (flags, joins, notes) = clone_flags(&spec_of(s));
+        assert_eq!(
+            flags,
+            CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUSER
+        );
+        let joined: Vec<_> = joins
+            .iter()
+            .map(|j| (j.container.as_str(), j.name, j.flag))
+            .collect();
+        assert_eq!(
+            joined,
+            [
+                ("pod1", "net", CloneFlags::CLONE_NEWNET),
+                ("pod1", "ipc", CloneFlags::CLONE_NEWIPC),
+                ("pod1", "uts", CloneFlags::CLONE_NEWUTS),
+            ]
+        );
+        assert_eq!(notes.len(), 2, "{notes:?}");
 
         // A namespace the spec leaves out is the guest's.
         let mut s = runc_spec();
         s["linux"]["namespaces"] = serde_json::json!([{"type": "mount"}]);
         s.as_object_mut().unwrap().remove("hostname");
-        let (flags, _) = clone_flags(&spec_of(s));
+        let (flags, _, _) = clone_flags(&spec_of(s));
         assert_eq!(flags, CloneFlags::CLONE_NEWNS);
         let mut s = runc_spec();
         s["process"]["apparmorProfile"] = "docker-default".into();
