@@ -48,6 +48,7 @@ const CASES: &[Case] = &[
         network_none_serves_on_loopback,
     ),
     ("network_host_is_refused", network_host_is_refused),
+    ("stats_are_the_vms", stats_are_the_vms),
 ];
 
 // ---- helpers
@@ -393,6 +394,56 @@ fn stop_kills_after_the_timeout(p: &Podman) {
     assert!(took >= Duration::from_secs(2), "stop took only {took:?}");
     assert_eq!(wait_exit(p, &id), 137);
     ok(p, &["rm", &id]);
+    p.assert_container_gone(&id);
+}
+
+/// `podman stats` reads the cgroup podman asked for, where the monitor put
+/// QEMU and virtiofsd: it shows the VM's memory (tens of MiB), not a
+/// sleeping shell's; the cgroup is bounded by the VM's size.
+fn stats_are_the_vms(p: &Podman) {
+    let id = detached(p, "husk-e2e-stats", "echo ready; exec sleep 100000");
+    wait_for_log(p, &id, "ready");
+    let o = ok(
+        p,
+        &["stats", "--no-stream", "--format", "{{.MemUsage}}", &id],
+    );
+    // "58.2MB / 671.1MB"
+    let mib = |s: &str| -> f64 {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let n: f64 = s[..split].parse().unwrap_or(0.0);
+        match s[split..].trim() {
+            "kB" | "KB" | "KiB" => n / 1024.0,
+            "MB" | "MiB" => n,
+            "GB" | "GiB" => n * 1024.0,
+            _ => n / (1024.0 * 1024.0),
+        }
+    };
+    let (used, _) = o.trim().split_once('/').expect("usage / limit");
+    assert!(mib(used) > 20.0, "the VM's memory, not a shell's: {o}");
+    // podman shows the host's RAM as the limit of a container without a
+    // memory limit of its own; the cgroup itself holds the VM's bound.
+    let pid = ok(p, &["inspect", "--format", "{{.State.Pid}}", &id]);
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", pid.trim())).unwrap();
+    let memory = cgroups
+        .lines()
+        .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
+        .expect("a v1 memory cgroup");
+    assert!(memory.contains(&id), "the container's own cgroup: {memory}");
+    let limit: u64 = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/memory{memory}/memory.limit_in_bytes"
+    ))
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+    assert!(
+        limit < 4 << 30,
+        "bounded by the VM's size plus overhead: {limit}"
+    );
+    ok(p, &["rm", "-f", &id]);
     p.assert_container_gone(&id);
 }
 
