@@ -30,7 +30,8 @@ async fn each_phase_is_a_timing_span_reported_when_it_closes() {
         .with_writer(move || writer.clone())
         .json()
         .init();
-    let root = std::env::temp_dir().join(format!("husk-spans-{}", std::process::id()));
+    let tmp = husk_testutil::TempDir::new("spans");
+    let root = tmp.path().to_path_buf();
     std::fs::create_dir_all(root.join("rootfs")).unwrap();
     let spec = serde_json::json!({
         "ociVersion": "1.0.2",
@@ -49,7 +50,6 @@ async fn each_phase_is_a_timing_span_reported_when_it_closes() {
         .unwrap();
     f.sandbox.start("c1").await.unwrap();
     f.sandbox.teardown(false).await;
-    let _ = std::fs::remove_dir_all(&root);
 
     let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
     let closed: Vec<String> = text

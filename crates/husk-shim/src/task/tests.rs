@@ -22,19 +22,15 @@ use husk_runtime::monitor::client::{ClientError, MonitorClient};
 use husk_runtime::sandbox::{fake, Sandbox, SandboxError, Stdio};
 use husk_runtime::sandbox_dir::SandboxDir;
 
+use husk_testutil::TempDir;
+
 use super::{Launch, TaskService};
 use crate::events::Events;
 
-struct Root(PathBuf);
-impl Drop for Root {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn root(name: &str) -> Root {
-    let p = std::env::temp_dir().join(format!("husk-fe-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
+/// A temp dir with a bundle (`bundle/`) of a plain spec.
+fn root(name: &str) -> TempDir {
+    let r = TempDir::new(&format!("fe-{name}"));
+    let p = r.path();
     std::fs::create_dir_all(p.join("bundle/rootfs")).unwrap();
     let spec = serde_json::json!({
         "ociVersion": "1.0.2",
@@ -42,7 +38,7 @@ fn root(name: &str) -> Root {
         "root": {"path": "rootfs"},
     });
     std::fs::write(p.join("bundle/config.json"), spec.to_string()).unwrap();
-    Root(p)
+    r
 }
 
 /// Boots a sandbox of fakes and keeps its agent for the test to look at.
@@ -109,12 +105,12 @@ struct Shim {
 }
 
 impl Shim {
-    fn new(r: &Root) -> Shim {
+    fn new(r: &TempDir) -> Shim {
         let launch = Arc::new(FakeLaunch::default());
         let events = Arc::new(Mutex::new(Vec::new()));
         let service = TaskService::new(
             Ok(Config::default()),
-            r.0.join("shim"),
+            r.path().join("shim"),
             false,
             Events::Recorded(events.clone()),
             Arc::new(ExitSignal::default()),
@@ -124,7 +120,7 @@ impl Shim {
             service,
             launch,
             events,
-            bundle: r.0.join("bundle"),
+            bundle: r.path().join("bundle"),
         }
     }
 
@@ -278,14 +274,14 @@ struct Cli {
 }
 
 impl Cli {
-    async fn new(r: &Root, cid: &str) -> Cli {
-        let f = fake::sandbox(&r.0.join("cli"), cid);
-        let bundle = Bundle::load(&r.0.join("bundle")).expect("bundle");
+    async fn new(r: &TempDir, cid: &str) -> Cli {
+        let f = fake::sandbox(&r.path().join("cli"), cid);
+        let bundle = Bundle::load(&r.path().join("bundle")).expect("bundle");
         f.sandbox
             .create(cid, &bundle, Stdio::null())
             .await
             .expect("the monitor creates its container");
-        let socket = r.0.join("monitor.sock");
+        let socket = r.path().join("monitor.sock");
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
         tokio::spawn(husk_runtime::monitor::serve_api(
             listener,
