@@ -14,7 +14,11 @@ kernel, while taking runc's command line, so podman (conmon), CRI-O or Docker ca
 with --runtime. The guest kernel and agent come from `make guest`; `husk check` says whether \
 this host can run sandboxes.\n\n\
 Configuration: --config, else $HUSK_CONFIG, else /etc/husk/config.toml, else \
-compiled-in defaults (see docs/configuration.md)."
+compiled-in defaults (see docs/configuration.md).\n\n\
+A flag given twice takes its last value, as with runc (Docker appends its \
+runtimeArgs after its own --root).",
+    // runc's semantics: a repeated flag takes the last value.
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -313,4 +317,48 @@ pub struct MonitorArgs {
     #[arg(long = "ready-fd")]
     pub ready_fd: Option<i32>,
     pub id: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn a_repeated_flag_takes_its_last_value_as_with_runc() {
+        let cli = Cli::try_parse_from([
+            "husk",
+            "--root",
+            "/var/run/docker/runtime-runc/moby",
+            "--root",
+            "/run/h",
+            "state",
+            "c1",
+        ])
+        .expect("a repeated --root is accepted");
+        assert_eq!(cli.global.root, std::path::PathBuf::from("/run/h"));
+        let cli = Cli::try_parse_from([
+            "husk",
+            "--log-format",
+            "text",
+            "--log-format",
+            "json",
+            "list",
+        ])
+        .expect("a repeated --log-format is accepted");
+        assert!(matches!(cli.global.log_format, LogFormat::Json));
+        // A verb's own flags alike; repeatable ones still add up.
+        let cli = Cli::try_parse_from(["husk", "create", "--bundle", "/a", "--bundle", "/b", "c1"])
+            .expect("a repeated --bundle is accepted");
+        let Command::Create(c) = cli.command else {
+            panic!("create")
+        };
+        assert_eq!(c.bundle, std::path::PathBuf::from("/b"));
+        let cli = Cli::try_parse_from(["husk", "exec", "-e", "A=1", "-e", "B=2", "c1", "true"])
+            .expect("exec");
+        let Command::Exec(e) = cli.command else {
+            panic!("exec")
+        };
+        assert_eq!(e.env, ["A=1", "B=2"]);
+    }
 }
