@@ -196,6 +196,13 @@ fn vm_create_with_a_terminal_through_the_console_socket() {
     let pty = sock.receive(T);
     assert_exit(&created.join().unwrap(), 0);
     let pid = read_pid(&pid_file);
+    // The container has its own terminal: the monitor, which outlives
+    // `create`, holds none of the caller's stdio (a caller that reads its
+    // output to the end, as containerd's runc shim does, is not held).
+    for fd in 0..3 {
+        let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+        assert_eq!(target, std::path::Path::new("/dev/null"), "monitor fd {fd}");
+    }
     assert_exit(&husk(&env, &["start", "t"]), 0);
     let text = read_pty(pty.master, T);
     assert_eq!(wait_exit_status(pid, T), Some(3), "{text:?}");

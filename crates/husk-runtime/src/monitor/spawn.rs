@@ -25,12 +25,25 @@ struct Ready {
 }
 
 /// Starts `exe args... --ready-fd N` and waits until it has created the
-/// container; returns the monitor's pid.
-pub fn spawn_monitor(exe: &Path, args: Vec<OsString>) -> Result<u32, MonitorError> {
+/// container; returns the monitor's pid. With `own_stdio` false (the
+/// container has a terminal of its own, through a console socket) the
+/// monitor gets none of the caller's stdio: a caller reading its own
+/// output to the end (containerd's runc shim in terminal mode) is not held
+/// by a process that outlives `create`.
+pub fn spawn_monitor(
+    exe: &Path,
+    args: Vec<OsString>,
+    own_stdio: bool,
+) -> Result<u32, MonitorError> {
     let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| MonitorError::Spawn(e.into()))?;
     let wfd = w.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.args(args).arg("--ready-fd").arg(wfd.to_string());
+    if !own_stdio {
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+    }
     // The pipe's write end survives exec; the monitor leads a new session.
     husk_sys::keep_fd_and_setsid(&mut cmd, wfd);
     let child = cmd.spawn().map_err(MonitorError::Spawn)?;

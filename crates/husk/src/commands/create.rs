@@ -44,7 +44,9 @@ pub fn create_container(g: &GlobalOpts, _cfg: &Config, a: &CreateArgs) -> anyhow
         args.extend(["--console-socket".into(), s.clone().into()]);
     }
     args.push(a.id.clone().into());
-    let pid = spawn_monitor(&exe, args)?;
+    // Without a console socket the container's stdio is the caller's, held
+    // by the monitor; with one, the monitor keeps none of it.
+    let pid = spawn_monitor(&exe, args, a.console_socket.is_none())?;
     if let Some(p) = &a.pid_file {
         super::write_pid_file(p, pid)?;
     }

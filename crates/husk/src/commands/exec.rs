@@ -168,6 +168,18 @@ pub fn exec(g: &GlobalOpts, a: ExecArgs) -> anyhow::Result<u8> {
                 return Ok(0);
             }
             husk_sys::Forked::Child => {
+                // The waiter needs none of the caller's stdio (the process's
+                // is with the monitor): a caller reading to the end of its
+                // own output is not held by it.
+                if let Ok(null) = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+                {
+                    let _ = nix::unistd::dup2_stdin(&null);
+                    let _ = nix::unistd::dup2_stdout(&null);
+                    let _ = nix::unistd::dup2_stderr(&null);
+                }
                 let code = client.wait_exit().map(|s| s.clamp(0, 255)).unwrap_or(255);
                 std::process::exit(code);
             }
