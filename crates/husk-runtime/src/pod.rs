@@ -68,6 +68,9 @@ pub fn pod_id(cid: &str, spec: &Spec) -> String {
     }
 }
 
+/// How long [`cleanup_dead`] waits for an owner that is on its way out.
+const OWNER_EXIT_WAIT: Duration = Duration::from_secs(2);
+
 /// What [`cleanup_dead`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Cleanup {
@@ -92,6 +95,14 @@ pub fn cleanup_dead(root: &Path, id: &str) -> Result<Cleanup, SandboxDirError> {
     }
     match ContainerState::load(&dir, id) {
         Ok(st) => {
+            // The caller (containerd's `shim delete`) asks once the owner's
+            // connection is gone: an owner that still looks alive is
+            // usually still exiting (a SIGKILLed shim closes its sockets
+            // before it is reaped). Give it a moment.
+            let t0 = Instant::now();
+            while st.monitor_alive() && t0.elapsed() < OWNER_EXIT_WAIT {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             if st.monitor_alive() {
                 return Ok(Cleanup::OwnerAlive(st.pid));
             }
