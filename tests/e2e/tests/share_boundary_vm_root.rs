@@ -29,41 +29,6 @@ use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(180);
 
-const ALL_CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-];
-
 /// Reaches the share as a guest root can, at `$S`: it mounts it afresh
 /// (virtio-fs, or 9p where that is the driver) at /dev/shm/s; where that
 /// fresh mount does not show the sandbox's entries, it goes through the
@@ -141,7 +106,7 @@ fn privileged_guest_attacks(driver: Share) {
     }
     let passwd_before = std::fs::read(b.rootfs().join("etc/passwd")).unwrap();
     b.spec["root"]["readonly"] = json!(true);
-    b.set_capabilities(ALL_CAPS);
+    b.set_capabilities(husk_protocol::CAPABILITIES);
     b.spec["process"]["noNewPrivileges"] = json!(false);
     // The guest's pid namespace: PID 1 (the agent) and its mounts in reach.
     b.spec["linux"]["namespaces"] =
@@ -258,7 +223,7 @@ fn vm_symlink_planted_in_the_share_is_not_followed_when_a_container_joins() {
         reach_share("sj1")
     );
     let mut b = Bundle::busybox(&["sh", "-c", &script]);
-    b.set_capabilities(ALL_CAPS);
+    b.set_capabilities(husk_protocol::CAPABILITIES);
     b.spec["process"]["noNewPrivileges"] = json!(false);
     b.spec["root"]["path"] = json!(b.rootfs());
     b.spec["linux"]["namespaces"] =

@@ -68,20 +68,6 @@ fn reply() -> impl Strategy<Value = Reply> {
     ]
 }
 
-fn spec_bundle(dir: &Path) -> Bundle {
-    let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
-        "ociVersion": "1.0.2",
-        "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
-        "root": {"path": "rootfs"},
-    }))
-    .unwrap();
-    Bundle {
-        dir: dir.to_path_buf(),
-        spec,
-        rootfs: dir.join("rootfs"),
-    }
-}
-
 fn with_stdin() -> Stdio {
     Stdio {
         stdin: Some(Box::new(std::io::Cursor::new(vec![b'x'; 70_000]))),
@@ -92,7 +78,13 @@ fn with_stdin() -> Stdio {
 /// Every verb once, whatever each answers; then teardown.
 async fn drive(f: &fake::FakeSandbox, dir: &Path) {
     let s = &f.sandbox;
-    let _ = s.create("c1", &spec_bundle(dir), with_stdin()).await;
+    let _ = s
+        .create(
+            "c1",
+            &super::tests::bundle(dir, serde_json::json!({})),
+            with_stdin(),
+        )
+        .await;
     let _ = s.start("c1").await;
     let process = br#"{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}}"#.to_vec();
     let _ = s.exec("c1", "e1", process, with_stdin()).await;

@@ -24,7 +24,7 @@ fn the_leak_guard_watches_the_default_root() {
     );
 }
 
-fn bundle(dir: &Path, hooks: serde_json::Value) -> Bundle {
+pub(super) fn bundle(dir: &Path, hooks: serde_json::Value) -> Bundle {
     let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
         "ociVersion": "1.0.2",
         "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
