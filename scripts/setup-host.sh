@@ -21,6 +21,10 @@ PACKAGES=(
     protobuf-compiler        # agent protocol code generation
     libseccomp-dev libcap-ng-dev   # building virtiofsd
     python3                  # guest/initrd/build.sh
+    iproute2                 # e2e: test network namespaces, veths, bridges
+    slirp4netns              # e2e: podman --network slirp4netns (podman does not pull it in)
+    containernetworking-plugins  # e2e: CNI bridge/host-local/loopback (ctr run --cni, CRI)
+    docker.io                # e2e: a private dockerd --add-runtime husk (docker.service is stopped)
 )
 
 [ "$(id -u)" -eq 0 ] || die "run as root (apt-get and cargo install need it here)"
@@ -41,6 +45,13 @@ else
     apt-get update -q
     say "apt-get install ${missing[*]}"
     apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# The e2e tests start a private dockerd of their own; the package's system
+# daemon must not run beside it (nor come back at boot).
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet docker.service 2>/dev/null; then
+    say "stopping and disabling docker.service (the tests run a private dockerd)"
+    systemctl disable --now docker.service docker.socket >/dev/null 2>&1 || true
 fi
 
 say "checking virtiofsd"
