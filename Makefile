@@ -75,7 +75,7 @@ test-unit:
 ## the share's mounts and the host cgroup
 test-root:
 	cargo test --no-fail-fast -p husk-agent --features root-tests --tests
-	cargo test --no-fail-fast -p husk-runtime --features root-tests --test share_root --test host_cgroup_root
+	cargo test --no-fail-fast -p husk-runtime --features root-tests --test share_root --test host_cgroup_root --test net_root
 
 ## test-e2e: real VMs under QEMU (root)
 test-e2e: build guest

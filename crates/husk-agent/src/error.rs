@@ -14,6 +14,9 @@ pub enum AgentError {
     /// A container operation failed.
     #[error(transparent)]
     Container(#[from] ContainerError),
+    /// ConfigureNetwork failed.
+    #[error(transparent)]
+    Network(#[from] crate::net::NetError),
     /// Host and agent disagree on the API major version.
     #[error("the host speaks agent API version {host} but this agent speaks version {agent}; use a guest image built from the same husk release as the host")]
     VersionMismatch {
@@ -29,6 +32,11 @@ pub fn code(error: &AgentError) -> Code {
     use ContainerError as C;
     match error {
         AgentError::VersionMismatch { .. } => Code::FAILED_PRECONDITION,
+        AgentError::Network(e) => match e {
+            crate::net::NetError::Invalid(_) => Code::INVALID_ARGUMENT,
+            crate::net::NetError::NoNic { .. } => Code::FAILED_PRECONDITION,
+            _ => Code::INTERNAL,
+        },
         AgentError::Container(error) => match error {
             C::NotFound(_) | C::NoSuchProcess { .. } | C::Exited { .. } => Code::NOT_FOUND,
             C::AlreadyExists(_) | C::ExecExists { .. } => Code::ALREADY_EXISTS,

@@ -17,6 +17,7 @@ pub mod channel;
 pub mod container;
 pub mod error;
 pub mod logging;
+pub mod net;
 pub mod pid1;
 pub mod process;
 pub mod rpc;

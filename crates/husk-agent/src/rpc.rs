@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use husk_protocol::agent::{
-    CheckRequest, CheckResponse, ContainerRequest, CreateContainerRequest, Empty,
-    ExecProcessRequest, ListProcessesResponse, OOMEvent, ProcessRequest, ReadStreamRequest,
+    CheckRequest, CheckResponse, ConfigureNetworkRequest, ContainerRequest, CreateContainerRequest,
+    Empty, ExecProcessRequest, ListProcessesResponse, OOMEvent, ProcessRequest, ReadStreamRequest,
     ReadStreamResponse, ResizePtyRequest, SignalProcessRequest, StatsContainerResponse,
     UpdateContainerRequest, WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
 };
@@ -109,6 +109,31 @@ impl Agent for AgentService {
             tracing::warn!(container = %req.container_id, "create failed: {e}");
         }
         reply(result, "CreateContainer").map(|()| Empty::default())
+    }
+
+    async fn configure_network(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConfigureNetworkRequest,
+    ) -> Reply<Empty> {
+        tracing::debug!(container = %req.container_id, interfaces = req.interfaces.len(), "ConfigureNetwork");
+        let result = async {
+            let cfg = crate::net::NetConfig::parse(&req)?;
+            let pid = self
+                .containers
+                .get(&req.container_id)
+                .map_err(AgentError::from)?
+                .process()
+                .pid();
+            crate::net::apply(pid.as_raw(), cfg)
+                .await
+                .map_err(AgentError::from)
+        }
+        .await;
+        if let Err(e) = &result {
+            tracing::warn!(container = %req.container_id, "network configuration failed: {e}");
+        }
+        reply(result, "ConfigureNetwork").map(|()| Empty::default())
     }
 
     async fn start_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> Reply<Empty> {

@@ -1,6 +1,8 @@
 //! [`VmSpec`]: everything a hypervisor needs to start one sandbox VM.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::{Accel, UidPool};
 
@@ -25,6 +27,33 @@ impl SharedFs {
             SharedFs::Virtiofs { .. } => "virtiofs",
             SharedFs::NineP => "9p",
         }
+    }
+}
+
+/// A NIC of the VM: a virtio-net device backed by a tap device the caller
+/// opened (`-netdev tap,fd=`; QEMU gets a copy of the descriptor).
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub tap: Arc<OwnedFd>,
+    /// The NIC's MAC in the guest.
+    pub mac: [u8; 6],
+}
+
+impl PartialEq for Nic {
+    fn eq(&self, other: &Nic) -> bool {
+        self.mac == other.mac && self.tap.as_raw_fd() == other.tap.as_raw_fd()
+    }
+}
+impl Eq for Nic {}
+
+impl Nic {
+    /// `aa:bb:cc:dd:ee:ff`.
+    pub fn mac_string(&self) -> String {
+        self.mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
     }
 }
 
@@ -64,4 +93,6 @@ pub struct VmSpec {
     pub hypervisor_log: PathBuf,
     /// Host CPUs QEMU (so every vCPU) may run on; `None`: wherever husk may.
     pub host_cpus: Option<Vec<usize>>,
+    /// The VM's NICs, in order (`-netdev tap,id=net<n>`).
+    pub nics: Vec<Nic>,
 }

@@ -11,6 +11,7 @@ pub mod hooks;
 pub mod host_cgroup;
 pub mod monitor;
 pub mod mountns;
+pub mod net;
 pub mod pod;
 pub mod sandbox;
 pub mod sandbox_dir;

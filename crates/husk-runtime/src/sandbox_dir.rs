@@ -171,6 +171,7 @@ const RUNTIME_FILES: &[&str] = &[
     "qemu.log",
     MONITOR_SOCKET,
     HOST_CGROUP_FILE,
+    crate::net::NET_FILE,
 ];
 
 fn remove_runtime_files(dir: &Path) {
@@ -195,6 +196,7 @@ pub fn remove_leftovers(dir: &Path) {
         let made: Vec<PathBuf> = list.lines().map(PathBuf::from).collect();
         crate::host_cgroup::remove_made(&made);
     }
+    crate::net::detach_recorded(dir);
     remove_runtime_files(dir);
     remove_skeleton(&dir.join("share"));
     remove_skeleton(&dir.join(SHARE_STAGING));

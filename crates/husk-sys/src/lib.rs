@@ -259,6 +259,44 @@ pub fn keep_fd_and_setsid(cmd: &mut std::process::Command, fd: RawFd) {
     }
 }
 
+/// `TUNSETIFF` (`linux/if_tun.h`: `_IOW('T', 202, int)`).
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+/// Opens `/dev/net/tun` and attaches a new tap device named `name` (at
+/// most 15 bytes) to it, with virtio-net headers and no packet info, as
+/// QEMU's `-netdev tap,fd=` wants it. The device lives in the network
+/// namespace of the calling thread and only as long as the descriptor
+/// (and every copy of it) stays open: it is not persistent, so it goes
+/// with the last process that holds it.
+pub fn open_tap(name: &str) -> io::Result<OwnedFd> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("tap name {name:?} must be 1 to 15 bytes"),
+        ));
+    }
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `req` is
+    // and which outlives the call; `tun` is an open descriptor of ours.
+    let r = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(tun.into())
+}
+
 /// Which side of [`fork_single_threaded`] this is.
 pub enum Forked {
     Parent { child: u32 },

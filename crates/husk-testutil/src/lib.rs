@@ -14,6 +14,7 @@
 
 pub mod bundle;
 pub mod leak;
+pub mod netns;
 mod tempdir;
 mod wait;
 

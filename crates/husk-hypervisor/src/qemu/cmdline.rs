@@ -35,6 +35,9 @@ pub const SHARE_FD: RawFd = 6;
 /// its state dir on their command lines still find QEMU.
 pub const TAG_FD: RawFd = 7;
 
+/// The tap of the VM's first NIC; NIC `n` gets `NIC_FD + n`.
+pub const NIC_FD: RawFd = 8;
+
 /// Kernel parameters every husk guest gets. `reboot=t` + QEMU's `-no-reboot`
 /// make a guest reboot (the agent's power-off, or a panic via `panic=-1`)
 /// end the QEMU process.
@@ -156,6 +159,15 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
             push_str(&mut a, "-device");
             a.push(format!("virtio-9p-device,fsdev=share,mount_tag={}", spec.share_tag).into());
         }
+    }
+
+    for (n, nic) in spec.nics.iter().enumerate() {
+        // No vhost-net: these hosts have no /dev/vhost-net, and QEMU (an
+        // unprivileged uid) could not open it anyway.
+        push_str(&mut a, "-netdev");
+        a.push(format!("tap,id=net{n},fd={}", NIC_FD + n as RawFd).into());
+        push_str(&mut a, "-device");
+        a.push(format!("virtio-net-device,netdev=net{n},mac={}", nic.mac_string()).into());
     }
 
     push_str(&mut a, "-chardev");

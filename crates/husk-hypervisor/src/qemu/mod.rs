@@ -90,6 +90,13 @@ impl crate::Hypervisor for Qemu {
         let null =
             std::fs::File::open("/dev/null").map_err(io_err("cannot open /dev/null".into()))?;
         fds.push((null.into(), cmdline::TAG_FD));
+        for (n, nic) in spec.nics.iter().enumerate() {
+            let tap = nic
+                .tap
+                .try_clone()
+                .map_err(io_err(format!("cannot pass the tap of NIC {n} to QEMU")))?;
+            fds.push((tap, cmdline::NIC_FD + n as RawFd));
+        }
         let user = match &lease {
             Some(l) => {
                 // KVM: the device's group, so the uid may open /dev/kvm.

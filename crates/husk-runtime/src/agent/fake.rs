@@ -247,6 +247,10 @@ impl FakeAgent {
                 st.containers.insert(cid.clone(), c);
                 done
             }
+            Call::ConfigureNetwork { cid, .. } => {
+                get(&mut st, cid)?;
+                done
+            }
             Call::StartContainer { cid } => {
                 get(&mut st, cid)?;
                 st.containers.get_mut(cid).expect("checked").started = true;

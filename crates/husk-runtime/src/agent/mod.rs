@@ -194,6 +194,11 @@ pub enum Call {
     StatsContainer {
         cid: String,
     },
+    /// Gives container `cid`'s network namespace the sandbox's network.
+    ConfigureNetwork {
+        cid: String,
+        network: crate::net::GuestNetwork,
+    },
     /// Waits for the next OOM kill in the guest.
     NextOomEvent,
     Shutdown,
@@ -253,6 +258,7 @@ impl Call {
             Call::ListProcesses { .. } => ("ListProcesses", S(10)),
             Call::UpdateContainer { .. } => ("UpdateContainer", S(10)),
             Call::StatsContainer { .. } => ("StatsContainer", S(10)),
+            Call::ConfigureNetwork { .. } => ("ConfigureNetwork", S(30)),
             Call::NextOomEvent => ("GetOOMEvent", None),
             Call::Shutdown => ("Shutdown", S(5)),
         }

@@ -137,6 +137,10 @@ impl AgentConn for TtrpcConn {
                 done(raw.create_container(ctx(), &req).await)
             }
             Call::StartContainer { cid } => done(raw.start_container(ctx(), &container(cid)).await),
+            Call::ConfigureNetwork { cid, network } => done(
+                raw.configure_network(ctx(), &network_request(cid, network))
+                    .await,
+            ),
             Call::RemoveContainer { cid } => {
                 done(raw.remove_container(ctx(), &container(cid)).await)
             }
@@ -273,5 +277,47 @@ impl AgentConn for TtrpcConn {
             },
             other => AgentError::Unavailable(other.to_string()),
         })
+    }
+}
+
+/// The one conversion of a sandbox's network into the agent's message.
+fn network_request(cid: String, n: crate::net::GuestNetwork) -> pb::ConfigureNetworkRequest {
+    pb::ConfigureNetworkRequest {
+        container_id: cid,
+        interfaces: n
+            .interfaces
+            .into_iter()
+            .map(|i| pb::Interface {
+                boot_mac: i.boot_mac,
+                mac: i.mac,
+                name: i.name,
+                mtu: i.mtu,
+                addresses: i.addresses,
+                ..Default::default()
+            })
+            .collect(),
+        routes: n
+            .routes
+            .into_iter()
+            .map(|r| pb::Route {
+                destination: r.destination,
+                gateway: r.gateway,
+                device: r.device,
+                source: r.source,
+                metric: r.metric,
+                ..Default::default()
+            })
+            .collect(),
+        neighbours: n
+            .neighbours
+            .into_iter()
+            .map(|x| pb::Neighbour {
+                address: x.address,
+                mac: x.mac,
+                device: x.device,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
     }
 }

@@ -28,6 +28,7 @@ pub async fn boot(
     dir: SandboxDir,
     id: &str,
     agent_log: &str,
+    nics: Vec<husk_hypervisor::Nic>,
 ) -> Result<Parts, SandboxError> {
     let share = Share::create(&dir.share_staging(), &dir.share())?;
     let choice = accel::choose(cfg.hypervisor.accel, probe);
@@ -83,6 +84,7 @@ pub async fn boot(
         uid_pool,
         hypervisor_log: dir.hypervisor_log(),
         host_cpus: cfg.hypervisor.host_cpus.clone(),
+        nics,
     };
     let mut vm: Box<dyn Vm> = hv
         .launch(&spec)
@@ -131,6 +133,8 @@ pub async fn boot(
         info,
         shared_fs: shared_fs.driver(),
         host_cgroup: None,
+        network: None,
+        guest_network: None,
     })
 }
 
@@ -192,8 +196,14 @@ impl super::Sandbox {
                 tracing::warn!(path = %file.display(), error = %e, "cannot record the host cgroup");
             }
         }
-        let mut parts = boot(&sized, hv, probe, dir, id, agent_log).await?;
+        let network = attach_network(owner, &dir)?;
+        let nics = network.as_ref().map(|(n, _)| n.nics()).unwrap_or_default();
+        let mut parts = boot(&sized, hv, probe, dir, id, agent_log, nics).await?;
         parts.host_cgroup = host_cgroup;
+        if let Some((net, guest)) = network {
+            parts.network = Some(net);
+            parts.guest_network = Some(guest);
+        }
         tracing::info!(
             vcpus = sized.hypervisor.vcpus,
             memory_mib = sized.hypervisor.memory_mib,
@@ -201,6 +211,27 @@ impl super::Sandbox {
         );
         Ok(super::Sandbox::new(parts, record, host_pid))
     }
+}
+
+/// Carries the interfaces of the network namespace the owner's spec names
+/// into the VM (`net.rs`). A namespace that has none yet but hooks that
+/// run before start (which may add some) gets a spare NIC.
+fn attach_network(
+    owner: &crate::bundle::Bundle,
+    dir: &SandboxDir,
+) -> Result<Option<(crate::net::HostNetwork, crate::net::GuestNetwork)>, SandboxError> {
+    let Some(netns) = crate::net::spec_netns(&owner.spec) else {
+        return Ok(None);
+    };
+    let hooks = owner.spec.hooks().clone().unwrap_or_default();
+    let spare = hooks.prestart().as_ref().is_some_and(|h| !h.is_empty())
+        || hooks
+            .create_runtime()
+            .as_ref()
+            .is_some_and(|h| !h.is_empty());
+    let (mut net, guest) = crate::net::HostNetwork::attach(&netns, spare)?;
+    net.record_in(dir.path());
+    Ok(Some((net, guest)))
 }
 
 /// Makes the sandbox's host cgroup (`linux.cgroupsPath` of its owner, or

@@ -137,6 +137,17 @@ pub fn sandbox(root: &std::path::Path, id: &str) -> FakeSandbox {
 /// A sandbox `id` made of fakes in the state dir `dir`, its owner's bundle
 /// at `bundle`.
 pub fn sandbox_in(dir: SandboxDir, id: &str, bundle: &std::path::Path) -> FakeSandbox {
+    sandbox_with_network(dir, id, bundle, None)
+}
+
+/// As [`sandbox_in`], with `guest_network` to be told to the guest with the
+/// owner's CreateContainer.
+pub fn sandbox_with_network(
+    dir: SandboxDir,
+    id: &str,
+    bundle: &std::path::Path,
+    guest_network: Option<crate::net::GuestNetwork>,
+) -> FakeSandbox {
     let agent = FakeAgent::new();
     let (vm, ctl) = FakeVm::new();
     let share = FakeShare::default();
@@ -167,6 +178,8 @@ pub fn sandbox_in(dir: SandboxDir, id: &str, bundle: &std::path::Path) -> FakeSa
         },
         shared_fs: "virtiofs",
         host_cgroup: None,
+        network: None,
+        guest_network: guest_network.clone(),
     };
     FakeSandbox {
         sandbox: super::Sandbox::new(parts, record, super::HostPid::Owner),

@@ -98,6 +98,8 @@ pub enum SandboxError {
     Refused(String),
     #[error(transparent)]
     Sizing(#[from] crate::sizing::SizingError),
+    #[error(transparent)]
+    Network(#[from] crate::net::NetError),
     #[error("cannot encode the guest spec")]
     Encode(#[from] serde_json::Error),
 }
@@ -134,6 +136,10 @@ pub struct Parts {
     pub shared_fs: &'static str,
     /// The host cgroup QEMU, virtiofsd and this process run in.
     pub host_cgroup: Option<crate::host_cgroup::HostCgroup>,
+    /// The owner's network namespace carried into the VM.
+    pub network: Option<crate::net::HostNetwork>,
+    /// What the guest is to be told of it, with the owner's CreateContainer.
+    pub guest_network: Option<crate::net::GuestNetwork>,
 }
 
 /// Something that happened to a container, for the front ends (the shim
@@ -209,6 +215,9 @@ pub struct Sandbox {
     /// The owner is being deleted through the lifecycle (not ending on its own).
     deleting: watch::Sender<bool>,
     host_cgroup: Mutex<Option<crate::host_cgroup::HostCgroup>>,
+    network: Mutex<Option<crate::net::HostNetwork>>,
+    /// Told to the guest with the owner's CreateContainer.
+    guest_network: Mutex<Option<crate::net::GuestNetwork>>,
 }
 
 impl Sandbox {
@@ -237,6 +246,8 @@ impl Sandbox {
             torn_down: watch::channel(0).0,
             deleting: watch::channel(false).0,
             host_cgroup: Mutex::new(parts.host_cgroup),
+            network: Mutex::new(parts.network),
+            guest_network: Mutex::new(parts.guest_network),
         });
         sandbox.save_record();
         tokio::spawn(watch_vm(Arc::downgrade(&sandbox), sandbox.vm.exit()));
@@ -496,6 +507,16 @@ impl Sandbox {
         };
         self.while_alive("while creating the container", self.agent.done(call))
             .await?;
+        if cid == self.id {
+            let pending = self
+                .guest_network
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(net) = pending.filter(|n| !n.is_empty()) {
+                self.configure_network(cid, net).await?;
+            }
+        }
         let relays = self.relays(cid, "", stdio).await;
         self.with(cid, |c| c.init.relays = Some(relays))?;
         self.spawn_waiter(cid, "", "");
@@ -507,6 +528,47 @@ impl Sandbox {
         if !create_hooks.is_empty() {
             self.set_status(cid, Status::Created);
             hooks::run("createRuntime", &create_hooks, &self.oci_state(cid)?).await?;
+        }
+        Ok(())
+    }
+
+    /// Tells the agent the network of container `cid`'s namespace.
+    async fn configure_network(
+        &self,
+        cid: &str,
+        network: crate::net::GuestNetwork,
+    ) -> Result<(), SandboxError> {
+        let call = Call::ConfigureNetwork {
+            cid: cid.to_string(),
+            network,
+        };
+        self.while_alive("while configuring the network", self.agent.done(call))
+            .await
+    }
+
+    /// Carries interfaces that appeared in the owner's network namespace
+    /// since boot (a createRuntime hook made them) to the spare NIC.
+    async fn connect_late_network(&self) -> Result<(), SandboxError> {
+        let net = self
+            .network
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(mut net) = net else { return Ok(()) };
+        if !net.has_spare() {
+            *self.network.lock().unwrap_or_else(|e| e.into_inner()) = Some(net);
+            return Ok(());
+        }
+        let (net, found) = tokio::task::spawn_blocking(move || {
+            let r = net.connect_late();
+            (net, r)
+        })
+        .await
+        .map_err(|e| SandboxError::Network(crate::net::NetError::Io(std::io::Error::other(e))))?;
+        *self.network.lock().unwrap_or_else(|e| e.into_inner()) = Some(net);
+        let found = found?;
+        if !found.is_empty() {
+            self.configure_network(&self.id, found).await?;
         }
         Ok(())
     }
@@ -629,10 +691,15 @@ impl Sandbox {
                 Err(SandboxError::Refused(s.refusal(Verb::Start, cid)))
             }
         })??;
-        let call = Call::StartContainer { cid: cid.into() };
-        let r = self
-            .while_alive("while starting the container", self.agent.done(call))
-            .await;
+        let r = async {
+            if cid == self.id {
+                self.connect_late_network().await?;
+            }
+            let call = Call::StartContainer { cid: cid.into() };
+            self.while_alive("while starting the container", self.agent.done(call))
+                .await
+        }
+        .await;
         let hooks = self.with(cid, |c| {
             c.starting = false;
             if r.is_ok() && c.status == Status::Created {
@@ -913,6 +980,14 @@ impl Sandbox {
             }
         }
         self.vm.shutdown().await;
+        let network = self
+            .network
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut net) = network {
+            let _ = tokio::task::spawn_blocking(move || net.detach()).await;
+        }
         let dir = self
             .state_dir
             .lock()

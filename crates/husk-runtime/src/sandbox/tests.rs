@@ -564,3 +564,54 @@ async fn a_second_teardown_waits_for_the_first_and_returns() {
     assert!(f.sandbox.is_torn_down());
     assert_eq!(f.vm.shutdowns(), 1);
 }
+
+#[tokio::test]
+async fn the_owner_gets_the_network_between_create_and_start_and_members_do_not() {
+    let r = root("net");
+    let net = crate::net::GuestNetwork {
+        interfaces: vec![crate::net::GuestInterface {
+            boot_mac: "0a:58:0a:58:00:05".into(),
+            mac: "0a:58:0a:58:00:05".into(),
+            name: "eth0".into(),
+            mtu: 1500,
+            addresses: vec!["10.88.0.5/16".into()],
+        }],
+        ..Default::default()
+    };
+    let dir = SandboxDir::create(&r.0, "c1").unwrap();
+    let f = fake::sandbox_with_network(dir, "c1", &r.0, Some(net));
+    let b = bundle(&r.0, serde_json::json!({}));
+    f.sandbox.create("c1", &b, Stdio::null()).await.unwrap();
+    f.sandbox.create("m1", &b, Stdio::null()).await.unwrap();
+    f.sandbox.start("c1").await.unwrap();
+    let calls: Vec<&str> = f
+        .agent
+        .calls()
+        .into_iter()
+        .filter(|c| {
+            matches!(
+                *c,
+                "CreateContainer" | "ConfigureNetwork" | "StartContainer"
+            )
+        })
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            "CreateContainer",
+            "ConfigureNetwork",
+            "CreateContainer",
+            "StartContainer"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_sandbox_without_interfaces_tells_the_guest_nothing() {
+    let r = root("nonet");
+    let dir = SandboxDir::create(&r.0, "c1").unwrap();
+    let f = fake::sandbox_with_network(dir, "c1", &r.0, Some(Default::default()));
+    let b = bundle(&r.0, serde_json::json!({}));
+    f.sandbox.create("c1", &b, Stdio::null()).await.unwrap();
+    assert_eq!(f.agent.count("ConfigureNetwork"), 0);
+}
