@@ -51,6 +51,12 @@ pub struct Podman {
     husk_config: PathBuf,
     ids: Mutex<Vec<String>>,
     counter: AtomicU32,
+    /// podman runs inside this network namespace (its bridges, veths and
+    /// port forwards live there), entered with `nsenter --net`.
+    netns: Option<PathBuf>,
+    /// Set by [`Podman::finish`]; otherwise dropping removes every
+    /// container (a test that failed half-way leaves no VM running).
+    finished: bool,
 }
 
 fn require_tool(name: &str, package: &str) {
@@ -80,6 +86,16 @@ runtime_supports_json = ["crun", "runc", "kata", "runsc", "krun", "husk"]
 impl Podman {
     /// Makes the storage and configuration, and imports the busybox image.
     pub fn new() -> Podman {
+        Self::setup(None)
+    }
+
+    /// A setup whose podman runs inside the network namespace at `netns`
+    /// (a test's own: `husk_testutil::netns::TestNetns`).
+    pub fn in_netns(netns: &Path) -> Podman {
+        Self::setup(Some(netns.to_path_buf()))
+    }
+
+    fn setup(netns: Option<PathBuf>) -> Podman {
         require_root();
         require_tool("podman", "podman");
         require_tool("conmon", "conmon");
@@ -101,6 +117,8 @@ impl Podman {
             husk_config,
             ids: Mutex::new(Vec::new()),
             counter: AtomicU32::new(0),
+            netns,
+            finished: false,
         };
         p.import_image();
         p
@@ -135,7 +153,16 @@ impl Podman {
     /// chosen (podman's default).
     fn podman_bare(&self) -> Command {
         let d = self.dir();
-        let mut c = Command::new("podman");
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display()))
+                    .arg("--")
+                    .arg("podman");
+                c
+            }
+            None => Command::new("podman"),
+        };
         c.env("CONTAINERS_CONF", d.join("containers.conf"))
             .arg("--root")
             .arg(d.join("storage"))
@@ -211,9 +238,20 @@ impl Podman {
         args: &[&str],
         stdin: &[u8],
     ) -> (Output, Option<String>) {
+        self.run_on("none", runtime, args, stdin)
+    }
+
+    /// `podman run --pull=never --network NETWORK --cidfile F ARGS...`.
+    pub fn run_on(
+        &self,
+        network: &str,
+        runtime: Runtime,
+        args: &[&str],
+        stdin: &[u8],
+    ) -> (Output, Option<String>) {
         let cidfile = self.cidfile();
         let mut c = self.podman_with(runtime);
-        c.args(["run", "--pull=never", "--network", "none", "--cidfile"])
+        c.args(["run", "--pull=never", "--network", network, "--cidfile"])
             .arg(&cidfile)
             .args(args);
         let o = run_with_input(c, stdin, PODMAN_TIMEOUT);
@@ -247,7 +285,8 @@ impl Podman {
     /// Removes every container and image of this setup, then fails unless
     /// nothing of it is left: no process naming its directory or any of its
     /// containers, no mount below it, no state dir of any of its containers.
-    pub fn finish(self) {
+    pub fn finish(mut self) {
+        self.finished = true;
         let rm = self.cmd(&["rm", "--all", "--force", "--time", "0"]);
         assert_exit(&rm, 0);
         let rmi = self.cmd(&["rmi", "--all", "--force"]);
@@ -255,6 +294,14 @@ impl Podman {
         // Run on the suite's guard: it watches this setup's directory
         // (made under it) and now every container of every case.
         assert_nothing_left(&self.ids());
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.cmd(&["rm", "--all", "--force", "--time", "0"]);
+        }
     }
 }
 

@@ -1,0 +1,174 @@
+//! The container's network carried into its VM, end to end (root, real QEMU
+//! under TCG, real podman): each test makes a network namespace of its own
+//! and runs podman inside it (`nsenter --net`), so the bridge, the veths,
+//! the port forwards and every address exist only there; the only traffic
+//! is between that namespace and the containers' VMs.
+
+use husk_e2e::podman::{Podman, Runtime, IMAGE, PODMAN_TIMEOUT};
+use husk_e2e::*;
+use husk_testutil::netns::TestNetns;
+
+/// busybox httpd on port 8080 serving a page that says `husk-net-ok`.
+const HTTPD: &str =
+    "mkdir -p /www && echo husk-net-ok > /www/index.html && exec httpd -f -p 8080 -h /www";
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[track_caller]
+fn ok(p: &Podman, args: &[&str]) -> String {
+    let o = p.cmd(args);
+    assert!(o.status.success(), "podman {args:?}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// An HTTP GET from the test's namespace (busybox `nc`: busybox-static's
+/// `wget` crashes on non-loopback addresses).
+fn get(ns: &TestNetns, addr: &str, port: u16) -> String {
+    let o = ns.try_sh(&format!(
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 5 {addr} {port}"
+    ));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Waits until the page is served at `addr:port` from the namespace.
+fn served(ns: &TestNetns, addr: &str, port: u16) {
+    wait_until(
+        std::time::Duration::from_secs(90),
+        &format!("httpd answering on {addr}:{port}"),
+        || get(ns, addr, port).contains("husk-net-ok"),
+    );
+}
+
+/// Runs `HTTPD` detached on `network` with `publish`; returns its id.
+fn httpd(p: &Podman, network: &str, publish: &str) -> String {
+    let (o, id) = p.run_on(
+        network,
+        Runtime::Husk,
+        &["-d", "-p", publish, IMAGE, "sh", "-c", HTTPD],
+        b"",
+    );
+    assert!(o.status.success(), "podman run: {}", text(&o));
+    id.expect("container id")
+}
+
+fn mtu_of(ns: &TestNetns, dev: &str) -> String {
+    let l = ns.sh(&format!("ip -o link show {dev}"));
+    l.split_whitespace()
+        .skip_while(|w| *w != "mtu")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn vm_podman_bridge_gives_eth0_its_address_mac_and_mtu_publishes_and_connects_containers() {
+    let _leaks = LeakGuard::new();
+    let ns = TestNetns::new("pbridge");
+    let p = Podman::in_netns(&ns.path());
+    let id = httpd(&p, "bridge", "127.0.0.1:18080:8080");
+
+    let inspect = ok(
+        &p,
+        &[
+            "inspect",
+            "--format",
+            "{{.NetworkSettings.IPAddress}} {{.NetworkSettings.MacAddress}}",
+            &id,
+        ],
+    );
+    let (ip, mac) = inspect.split_once(' ').expect("ip and mac");
+    assert!(!ip.is_empty() && !mac.is_empty(), "{inspect}");
+    // eth0 in the container (in the VM) has what podman recorded.
+    let addr = ok(&p, &["exec", &id, "ip", "-o", "addr", "show", "eth0"]);
+    assert!(addr.contains(&format!("{ip}/")), "{addr} lacks {ip}");
+    let guest_mac = ok(&p, &["exec", &id, "cat", "/sys/class/net/eth0/address"]);
+    assert_eq!(guest_mac, mac);
+    // ... and the bridge's MTU.
+    let bridge = ns
+        .sh("ip -o link show type bridge")
+        .lines()
+        .next()
+        .and_then(|l| l.split(": ").nth(1))
+        .expect("podman's bridge in the test namespace")
+        .to_string();
+    let guest_mtu = ok(&p, &["exec", &id, "cat", "/sys/class/net/eth0/mtu"]);
+    assert_eq!(guest_mtu, mtu_of(&ns, &bridge));
+    // The kernel is the guest's: this really is the VM answering.
+    assert_eq!(ok(&p, &["exec", &id, "uname", "-r"]), guest_release());
+
+    // Published on 127.0.0.1 of the test's namespace.
+    served(&ns, "127.0.0.1", 18080);
+    // Reached by address from the bridge's side...
+    served(&ns, ip, 8080);
+    // ... and from another container on the bridge (its own VM).
+    let (o, _) = p.run_on(
+        "bridge",
+        Runtime::Husk,
+        &[
+            "--rm",
+            IMAGE,
+            "sh",
+            "-c",
+            &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 {ip} 8080"),
+        ],
+        b"",
+    );
+    assert!(text(&o).contains("husk-net-ok"), "{}", text(&o));
+
+    ok(&p, &["rm", "--force", "--time", "0", &id]);
+    p.assert_container_gone(&id);
+    assert_eq!(ns.husk_traces(), Vec::<String>::new());
+    p.finish();
+}
+
+/// slirp4netns forwarding the port itself (`port_handler=slirp4netns`):
+/// slirp reaches the guest through `tap0`. podman's default handler,
+/// rootlessport, dials the port inside the container's namespace on the
+/// host, where nothing listens (the container is in the VM); see
+/// docs/networking.md.
+#[test]
+fn vm_podman_slirp4netns_publishes_a_port() {
+    let _leaks = LeakGuard::new();
+    let ns = TestNetns::new("pslirp");
+    let p = Podman::in_netns(&ns.path());
+    let id = httpd(
+        &p,
+        "slirp4netns:port_handler=slirp4netns",
+        "127.0.0.1:18081:8080",
+    );
+    let addr = ok(&p, &["exec", &id, "ip", "-o", "addr", "show"]);
+    assert!(
+        addr.contains("10.0.2.100/24"),
+        "slirp4netns's address: {addr}"
+    );
+    served(&ns, "127.0.0.1", 18081);
+    ok(&p, &["rm", "--force", "--time", "0", &id]);
+    p.assert_container_gone(&id);
+    p.finish();
+}
+
+#[test]
+fn vm_podman_network_none_has_only_loopback() {
+    let _leaks = LeakGuard::new();
+    let ns = TestNetns::new("pnone");
+    let p = Podman::in_netns(&ns.path());
+    let (o, id) = p.run_on(
+        "none",
+        Runtime::Husk,
+        &["--rm", IMAGE, "sh", "-c", "ls /sys/class/net"],
+        b"",
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "lo");
+    if let Some(id) = id {
+        p.assert_container_gone(&id);
+    }
+    let _ = PODMAN_TIMEOUT;
+    p.finish();
+}
