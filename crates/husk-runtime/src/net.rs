@@ -752,6 +752,45 @@ pub fn fmt_mac(m: &[u8; 6]) -> String {
         .join(":")
 }
 
+static OWN_NETNS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// For a container whose spec asks for a new network namespace without
+/// naming one (Docker's, runc's default spec): this process (the CLI's
+/// monitor, whose pid husk reports) moves into a new host network
+/// namespace of its own, so hooks that configure `/proc/PID/ns/net`
+/// (Docker's `libnetwork-setkey`) configure that one, never the host's,
+/// and what they make there is carried into the VM. Call it while the
+/// process has one thread: every thread started later inherits it.
+pub fn enter_own_netns() -> Result<(), NetError> {
+    nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| NetError::Netns {
+        path: PathBuf::from("(a new network namespace)"),
+        source: e.into(),
+    })?;
+    let _ = OWN_NETNS.set(PathBuf::from(format!(
+        "/proc/{}/ns/net",
+        std::process::id()
+    )));
+    Ok(())
+}
+
+/// The namespace [`enter_own_netns`] made, by a path other processes can
+/// open while this one lives.
+pub fn own_netns() -> Option<PathBuf> {
+    OWN_NETNS.get().cloned()
+}
+
+/// Whether `spec` asks for a new network namespace without a path.
+pub fn wants_new_netns(spec: &oci_spec::runtime::Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|nss| {
+            nss.iter().any(|n| {
+                n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_none()
+            })
+        })
+}
+
 /// The network namespace a sandbox's VM serves: the path its owner's spec
 /// names, or `None` (the guest gets a namespace with loopback only).
 pub fn spec_netns(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {

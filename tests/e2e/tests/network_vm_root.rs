@@ -172,3 +172,116 @@ fn vm_podman_network_none_has_only_loopback() {
     let _ = PODMAN_TIMEOUT;
     p.finish();
 }
+
+// ---- the CLI, as Docker drives it (a new namespace without a path, a
+// prestart hook that configures the namespace of the pid husk reports)
+
+const T: std::time::Duration = std::time::Duration::from_secs(120);
+
+fn husk(env: &Env, args: &[&str]) -> std::process::Output {
+    let mut c = env.husk();
+    c.args(args);
+    run_timeout(c, T)
+}
+
+fn run_detached(env: &Env, b: &Bundle, id: &str) {
+    let mut c = env.husk();
+    c.arg("run").arg("-d").arg("--bundle").arg(b.dir()).arg(id);
+    assert_exit(&run_to_files(c, &env.dir.path().join(id), T), 0);
+}
+
+fn monitor_pid(env: &Env, id: &str) -> i32 {
+    let o = husk(env, &["state", id]);
+    assert_exit(&o, 0);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["pid"].as_i64().expect("pid") as i32
+}
+
+/// As Docker's `libnetwork-setkey`: a prestart hook puts a veth (its peer
+/// in the test's namespace) and an address into `/proc/PID/ns/net` of the
+/// pid husk reports. That namespace is a new one, not the host's, and what
+/// the hook made there reaches the container in the VM.
+#[test]
+fn vm_a_prestart_hook_configures_the_reported_pid_s_namespace_and_the_guest_gets_it() {
+    let _leaks = LeakGuard::new();
+    let env = Env::new("net-hook");
+    let peer = TestNetns::new("hookpeer");
+    let hook = env.dir.path().join("setkey.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            r#"pid=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p')
+[ -n "$pid" ] || exit 2
+# never the host's namespace
+[ "$(readlink /proc/$pid/ns/net)" != "$(readlink /proc/1/ns/net)" ] || exit 3
+nsenter --net=/proc/$pid/ns/net sh -c 'ip link add eth0 type veth peer name p-eth0 netns {peer} && ip link set eth0 address 02:42:ac:11:00:05 up && ip addr add 10.99.0.5/24 dev eth0 && ip route add default via 10.99.0.1' || exit 4
+nsenter --net=/run/netns/{peer} sh -c 'ip link set p-eth0 up && ip addr add 10.99.0.1/24 dev p-eth0' || exit 5
+"#,
+            peer = peer.name()
+        ),
+    )
+    .unwrap();
+    let mut b = Bundle::busybox(&[
+        "sh",
+        "-c",
+        "cat /sys/class/net/eth0/address; ip route; nc -l -p 8080 -e echo from-the-vm",
+    ]);
+    b.spec["hooks"] = serde_json::json!({
+        "prestart": [{"path": "/bin/sh", "args": ["sh", hook.to_str().unwrap()]}]
+    });
+    b.save();
+    run_detached(&env, &b, "hk");
+    let got = wait_until(T, "the container's answer from the peer namespace", || {
+        let o = peer.try_sh("echo | busybox nc -w 5 10.99.0.5 8080");
+        let s = String::from_utf8_lossy(&o.stdout).into_owned();
+        s.contains("from-the-vm").then_some(s)
+    });
+    assert!(got.contains("from-the-vm"));
+    let out = std::fs::read_to_string(env.dir.path().join("hk.out")).unwrap_or_default();
+    assert!(
+        out.contains("02:42:ac:11:00:05"),
+        "the guest NIC takes eth0's MAC: {out}"
+    );
+    assert!(out.contains("default via 10.99.0.1"), "{out}");
+    let _ = husk(&env, &["delete", "--force", "hk"]);
+    env.assert_no_leaks();
+}
+
+/// kill -9 of the monitor: `delete` removes the filters it left on the
+/// namespace's interface (the tap goes with QEMU).
+#[test]
+fn vm_delete_after_the_monitor_was_killed_removes_the_network() {
+    let _leaks = LeakGuard::new();
+    let env = Env::new("net-kill");
+    let ns = TestNetns::new("killns");
+    let peer = TestNetns::new("killpeer");
+    ns.sh(&format!(
+        "ip link add eth0 type veth peer name p-eth0 netns {} && ip link set eth0 up && \
+         ip addr add 10.98.0.5/24 dev eth0",
+        peer.name()
+    ));
+    let mut b = Bundle::busybox(&["sleep", "1000"]);
+    for n in b.spec["linux"]["namespaces"].as_array_mut().unwrap() {
+        if n["type"] == "network" {
+            n["path"] = ns.path().to_string_lossy().into_owned().into();
+        }
+    }
+    b.save();
+    run_detached(&env, &b, "kn");
+    assert!(ns
+        .sh("tc filter show dev eth0 ingress")
+        .contains("husktap0"));
+    let pid = monitor_pid(&env, "kn");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(T, "the monitor to die", || !alive(pid));
+    let o = husk(&env, &["delete", "--force", "kn"]);
+    assert_exit(&o, 0);
+    wait_until(T, "no husk traces in the namespace", || {
+        ns.husk_traces().is_empty()
+    });
+    env.assert_no_leaks();
+}

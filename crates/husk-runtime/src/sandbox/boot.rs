@@ -220,15 +220,21 @@ fn attach_network(
     owner: &crate::bundle::Bundle,
     dir: &SandboxDir,
 ) -> Result<Option<(crate::net::HostNetwork, crate::net::GuestNetwork)>, SandboxError> {
-    let Some(netns) = crate::net::spec_netns(&owner.spec) else {
-        return Ok(None);
-    };
     let hooks = owner.spec.hooks().clone().unwrap_or_default();
     let spare = hooks.prestart().as_ref().is_some_and(|h| !h.is_empty())
         || hooks
             .create_runtime()
             .as_ref()
             .is_some_and(|h| !h.is_empty());
+    let netns = match crate::net::spec_netns(&owner.spec) {
+        Some(p) => p,
+        // The monitor's own namespace (net::enter_own_netns) starts empty:
+        // only hooks can put interfaces there.
+        None => match crate::net::own_netns() {
+            Some(p) if spare && crate::net::wants_new_netns(&owner.spec) => p,
+            _ => return Ok(None),
+        },
+    };
     let (mut net, guest) = crate::net::HostNetwork::attach(&netns, spare)?;
     net.record_in(dir.path());
     Ok(Some((net, guest)))

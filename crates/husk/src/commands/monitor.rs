@@ -27,6 +27,15 @@ pub fn monitor(g: &GlobalOpts, cfg: &Config, a: MonitorArgs) -> anyhow::Result<u
 pub fn run_monitor(cfg: &Config, opts: MonitorOptions) -> anyhow::Result<u8> {
     mountns::enter_private()
         .context("cannot create a private mount namespace (husk needs root)")?;
+    // A spec that asks for a new network namespace without naming one: this
+    // process (the pid husk reports) gets one of its own, so a hook that
+    // configures /proc/PID/ns/net never touches the host's.
+    if let Ok(b) = husk_runtime::bundle::Bundle::load(&opts.bundle) {
+        if husk_runtime::net::wants_new_netns(&b.spec) {
+            husk_runtime::net::enter_own_netns()
+                .context("cannot create the container's host network namespace")?;
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
