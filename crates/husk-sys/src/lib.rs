@@ -12,6 +12,8 @@
 //! callers (`husk-runtime::share`) decide what to open and how.
 #![allow(unsafe_code)]
 
+pub mod socket_path;
+
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
