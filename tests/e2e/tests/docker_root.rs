@@ -272,3 +272,70 @@ fn docker_oom_in_the_guest_is_137() {
     d.ok(&["rm", "hkd-oom"]);
     d.assert_clean();
 }
+
+#[test]
+fn docker_logs_stop_restart_pause_volume() {
+    let _leaks = LeakGuard::new();
+    let d = Dockerd::start("life");
+    let vol = TempDir::new("docker-vol");
+    let v = format!("{}:/data", vol.path().display());
+    // A process that ignores SIGTERM: `docker stop` must end it (SIGKILL
+    // after -t seconds).
+    let id = d.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        "husk",
+        "--network",
+        "none",
+        "-v",
+        &v,
+        docker::IMAGE,
+        "sh",
+        "-c",
+        "trap '' TERM; echo started >> /data/log; echo to-logs; while true; do sleep 1; done",
+    ]);
+    d.remember(&id);
+    wait_until(
+        Duration::from_secs(60),
+        "the container's first line",
+        || {
+            std::fs::read_to_string(vol.path().join("log"))
+                .map(|s| s.contains("started"))
+                .unwrap_or(false)
+        },
+    );
+    let logs = d.cmd(&["logs", &id]);
+    assert_exit(&logs, 0);
+    assert!(stdout(&logs).contains("to-logs"), "{}", stdout(&logs));
+
+    d.ok(&["pause", &id]);
+    assert_eq!(d.ok(&["inspect", "-f", "{{.State.Status}}", &id]), "paused");
+    d.ok(&["unpause", &id]);
+    assert_eq!(
+        d.ok(&["inspect", "-f", "{{.State.Status}}", &id]),
+        "running"
+    );
+
+    let t0 = std::time::Instant::now();
+    d.ok(&["stop", "-t", "2", &id]);
+    eprintln!("docker stop of a TERM-ignoring process: {:?}", t0.elapsed());
+    assert_eq!(d.ok(&["inspect", "-f", "{{.State.ExitCode}}", &id]), "137");
+
+    d.ok(&["restart", "-t", "2", &id]);
+    assert_eq!(
+        d.ok(&["inspect", "-f", "{{.State.Status}}", &id]),
+        "running"
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the restarted container's line",
+        || {
+            std::fs::read_to_string(vol.path().join("log"))
+                .map(|s| s.matches("started").count() == 2)
+                .unwrap_or(false)
+        },
+    );
+    d.ok(&["rm", "-f", &id]);
+    d.assert_clean();
+}
