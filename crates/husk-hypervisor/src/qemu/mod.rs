@@ -117,13 +117,16 @@ impl crate::Hypervisor for Qemu {
         )?;
         // virtiofsd's own start-up failure makes QEMU fail its vhost-user
         // handshake: name virtiofsd then (both write to the same log).
-        let mut early_exit = |status: String| HypervisorError::EarlyExit {
-            what: match virtiofsd.as_mut().map(|d| d.try_wait()) {
-                Some(Ok(Some(_))) => "virtiofsd",
-                _ => "qemu",
-            },
-            status,
-            output: process::log_tail(&spec.hypervisor_log, 2000),
+        let mut early_exit = |status: String| {
+            let (what, status) = match virtiofsd.as_mut().map(|d| d.try_wait()) {
+                Some(Ok(Some(s))) => ("virtiofsd", s.to_string()),
+                _ => ("qemu", status),
+            };
+            HypervisorError::EarlyExit {
+                what,
+                status,
+                output: process::log_tail(&spec.hypervisor_log, 2000),
+            }
         };
         let connected = tokio::select! {
             q = Qmp::connect_with_deadline(&spec.qmp_socket, SOCKET_TIMEOUT) => q,
