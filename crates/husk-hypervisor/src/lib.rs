@@ -62,12 +62,6 @@ pub enum HypervisorError {
         status: String,
         output: String,
     },
-    #[error("{what} did not create its socket {path} within {timeout:?}")]
-    SocketTimeout {
-        what: &'static str,
-        path: PathBuf,
-        timeout: Duration,
-    },
     #[error("QMP")]
     Qmp(#[from] qemu::qmp::QmpError),
     #[error("cannot run QEMU unprivileged")]

@@ -18,7 +18,6 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
@@ -171,37 +170,6 @@ pub(crate) fn spawn(
     // The child has its copies; ours close here.
     drop(confine.fds);
     child
-}
-
-/// Waits until `path` exists, failing early when `child` exits first.
-pub(crate) async fn wait_for_socket(
-    what: &'static str,
-    child: &mut Child,
-    path: &Path,
-    log: &Path,
-    timeout: Duration,
-) -> Result<(), HypervisorError> {
-    let start = Instant::now();
-    loop {
-        if path.exists() {
-            return Ok(());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(HypervisorError::EarlyExit {
-                what,
-                status: status.to_string(),
-                output: log_tail(log, 2000),
-            });
-        }
-        if start.elapsed() > timeout {
-            return Err(HypervisorError::SocketTimeout {
-                what,
-                path: path.to_path_buf(),
-                timeout,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
 }
 
 /// The last `max` bytes of a log file, trimmed, for error messages. Reads

@@ -8,20 +8,28 @@
 //! nodes in the share), confines itself in its namespace sandbox (new mount,
 //! pid, net and ipc namespaces, pivoted into the share dir, so it sees no
 //! other host path) and kills itself on a system call outside its seccomp
-//! allow-list. It inherits no descriptor of husk's (see `process.rs`).
+//! allow-list. It inherits no descriptor of husk's (see `process.rs`) but
+//! its listening socket.
+//!
+//! husk binds that socket itself (through the directory's descriptor, so
+//! its path may be longer than `sun_path`: Docker's `--root` and ids) and
+//! passes it as `--fd`; virtiofsd makes no file of its own (no socket, no
+//! pid file). The socket file is the sandbox dir's, removed with it.
 
+use std::os::fd::RawFd;
 use std::path::Path;
-use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
 use crate::{process, HypervisorError};
 
-/// How long virtiofsd may take to create its socket.
-const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
+/// The number virtiofsd gets its listening socket at.
+const LISTEN_FD: RawFd = 3;
 
-/// Starts virtiofsd for `share_dir` on `socket` and waits until it listens.
-/// virtiofsd exits by itself when QEMU disconnects.
+/// Starts virtiofsd for `share_dir`, listening on `socket` (bound here, so
+/// a client may connect as soon as this returns: the connection waits in
+/// the backlog until virtiofsd accepts it). virtiofsd exits by itself when
+/// QEMU disconnects.
 pub async fn start(
     daemon: &Path,
     share_dir: &Path,
@@ -36,9 +44,9 @@ pub async fn start(
             fix: "install it with `cargo install virtiofsd` (make setup), set shared_fs.virtiofsd, or set shared_fs.kind = \"9p\"",
         });
     }
+    let listener = crate::qemu::listen(socket)?;
     let mut cmd = Command::new(daemon);
-    cmd.arg("--socket-path")
-        .arg(socket)
+    cmd.arg(format!("--fd={LISTEN_FD}"))
         .arg("--shared-dir")
         .arg(share_dir)
         .args(["--cache", "auto"])
@@ -49,7 +57,9 @@ pub async fn start(
         .args(["--seccomp", "kill"])
         .arg("--modcaps=-mknod")
         .args(["--log-level", "warn"]);
-    let mut child = process::spawn("virtiofsd", cmd, log, cpus, process::Confine::default())?;
-    process::wait_for_socket("virtiofsd", &mut child, socket, log, SOCKET_TIMEOUT).await?;
-    Ok(child)
+    let confine = process::Confine {
+        user: None,
+        fds: vec![(listener, LISTEN_FD)],
+    };
+    process::spawn("virtiofsd", cmd, log, cpus, confine)
 }

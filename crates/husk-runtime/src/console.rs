@@ -3,7 +3,6 @@
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use nix::pty::{openpty, OpenptyResult};
@@ -45,10 +44,11 @@ pub fn send_pty_to_console_socket(socket: &Path) -> Result<HostPty, ConsoleError
     let name = std::fs::read_link(format!("/proc/self/fd/{}", slave.as_raw_fd()))
         .unwrap_or_else(|_| PathBuf::from("/dev/pts/unknown"));
     make_raw(slave.as_fd()).map_err(ConsoleError::Termios)?;
-    let stream = UnixStream::connect(socket).map_err(|source| ConsoleError::Connect {
-        path: socket.to_path_buf(),
-        source,
-    })?;
+    let stream =
+        husk_sys::socket_path::connect_unix(socket).map_err(|source| ConsoleError::Connect {
+            path: socket.to_path_buf(),
+            source,
+        })?;
     let payload = name.to_string_lossy().into_owned();
     let fds = [master.as_raw_fd()];
     sendmsg::<()>(

@@ -165,7 +165,8 @@ const RUNTIME_FILES: &[&str] = &[
     "agent.sock",
     "qmp.sock",
     "virtiofsd.sock",
-    // virtiofsd writes `<socket>.pid` beside its socket.
+    // virtiofsd wrote `<socket>.pid` beside its socket when it bound it
+    // itself (husk now passes it a bound one): leftovers of older sandboxes.
     "virtiofsd.sock.pid",
     "console.log",
     "qemu.log",
@@ -278,6 +279,37 @@ mod tests {
         );
         assert!(!share.join("c/mounts").exists());
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn sockets_beyond_sun_len_work_and_are_removed() {
+        // Docker: a 64-character id under a long `--root`.
+        let top = std::env::temp_dir().join(format!("husk-sl-{}", std::process::id()));
+        let root = top.join("r".repeat(100 - top.as_os_str().len() - 1));
+        assert_eq!(root.as_os_str().len(), 100);
+        let id = "f".repeat(64);
+        let mut d = SandboxDir::create(&root, &id).unwrap();
+        let socks = [
+            d.monitor_socket(),
+            d.agent_socket(),
+            d.qmp_socket(),
+            d.virtiofsd_socket(),
+        ];
+        let listeners: Vec<_> = socks
+            .iter()
+            .map(|s| {
+                assert!(s.as_os_str().len() > husk_sys::socket_path::SUN_PATH_MAX);
+                assert!(std::os::unix::net::UnixListener::bind(s).is_err());
+                husk_sys::socket_path::bind_unix(s).unwrap()
+            })
+            .collect();
+        for s in &socks {
+            husk_sys::socket_path::connect_unix(s).unwrap();
+        }
+        drop(listeners);
+        d.remove();
+        assert!(!d.path().exists(), "sockets and dir removed");
+        fs::remove_dir_all(&top).unwrap();
     }
 
     #[test]

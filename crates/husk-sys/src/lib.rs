@@ -9,8 +9,12 @@
 //! Each wrapper takes borrowed descriptors and C strings, returns an
 //! [`OwnedFd`] or `io::Result<()>`, and holds exactly one `unsafe` block whose
 //! `SAFETY:` comment says why the call is sound. No policy lives here: the
-//! callers (`husk-runtime::share`) decide what to open and how.
+//! callers (`husk-runtime::share`) decide what to open and how. Its
+//! [`socket_path`] module (no `unsafe`) names unix sockets whose paths are
+//! longer than `sun_path`.
 #![allow(unsafe_code)]
+
+pub mod socket_path;
 
 use std::ffi::CStr;
 use std::io;

@@ -5,7 +5,7 @@ pub mod qmp;
 
 use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream as StdUnixStream};
+use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -33,10 +33,12 @@ fn io_err(context: String) -> impl FnOnce(std::io::Error) -> HypervisorError {
     move |source| HypervisorError::Io { context, source }
 }
 
-/// Binds a listening unix socket at `path`, mode 0600 (QEMU gets the
-/// descriptor; only root connects by path).
-fn listen(path: &Path) -> Result<OwnedFd, HypervisorError> {
-    let l = UnixListener::bind(path).map_err(io_err(format!("cannot bind {}", path.display())))?;
+/// Binds a listening unix socket at `path`, mode 0600 (QEMU or virtiofsd
+/// gets the descriptor; only root connects by path). The path may be longer
+/// than `sun_path`: it is bound through its directory's descriptor.
+pub(crate) fn listen(path: &Path) -> Result<OwnedFd, HypervisorError> {
+    let l = husk_sys::socket_path::bind_unix(path)
+        .map_err(io_err(format!("cannot bind {}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(io_err(format!("cannot restrict {}", path.display())))?;
     Ok(l.into())
@@ -58,7 +60,7 @@ impl crate::Hypervisor for Qemu {
             }
             None => None,
         };
-        let virtiofsd = match &spec.shared_fs {
+        let mut virtiofsd = match &spec.shared_fs {
             SharedFs::Virtiofs { daemon, socket } => Some(
                 virtiofsd::start(
                     daemon,
@@ -120,10 +122,18 @@ impl crate::Hypervisor for Qemu {
             spec.host_cpus.as_deref(),
             process::Confine { user, fds },
         )?;
-        let early_exit = |status: String| HypervisorError::EarlyExit {
-            what: "qemu",
-            status,
-            output: process::log_tail(&spec.hypervisor_log, 2000),
+        // virtiofsd's own start-up failure makes QEMU fail its vhost-user
+        // handshake: name virtiofsd then (both write to the same log).
+        let mut early_exit = |status: String| {
+            let (what, status) = match virtiofsd.as_mut().map(|d| d.try_wait()) {
+                Some(Ok(Some(s))) => ("virtiofsd", s.to_string()),
+                _ => ("qemu", status),
+            };
+            HypervisorError::EarlyExit {
+                what,
+                status,
+                output: process::log_tail(&spec.hypervisor_log, 2000),
+            }
         };
         let connected = tokio::select! {
             q = Qmp::connect_with_deadline(&spec.qmp_socket, SOCKET_TIMEOUT) => q,
@@ -151,13 +161,14 @@ impl crate::Hypervisor for Qemu {
     }
 }
 
-/// Connects to virtiofsd's socket for QEMU. virtiofsd creates the socket
-/// file a moment before it listens on it: a refused connection is retried
-/// for up to [`VIRTIOFSD_CONNECT_TIMEOUT`].
+/// Connects to virtiofsd's socket for QEMU (through its directory's
+/// descriptor: the path may be longer than `sun_path`). husk binds the
+/// socket before virtiofsd starts, so the connection waits in its backlog;
+/// a refused one is still retried for up to [`VIRTIOFSD_CONNECT_TIMEOUT`].
 async fn connect_virtiofsd(socket: &Path) -> Result<StdUnixStream, HypervisorError> {
     let start = std::time::Instant::now();
     loop {
-        match StdUnixStream::connect(socket) {
+        match husk_sys::socket_path::connect_unix(socket) {
             Ok(s) => return Ok(s),
             Err(e)
                 if e.kind() == std::io::ErrorKind::ConnectionRefused

@@ -137,7 +137,13 @@ impl Qmp {
     pub async fn connect_with_deadline(path: &Path, deadline: Duration) -> Result<Qmp, QmpError> {
         let mut tries = 0;
         let stream = loop {
-            match UnixStream::connect(path).await {
+            // Through the directory's descriptor: the path may be longer
+            // than `sun_path`.
+            let connected = match husk_sys::socket_path::SocketPath::new(path) {
+                Ok(short) => UnixStream::connect(short.path()).await,
+                Err(e) => Err(e),
+            };
+            match connected {
                 Ok(s) => break s,
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 500 => {
                     tries += 1;

@@ -82,7 +82,13 @@ impl TtrpcConn {
         // The hypervisor creates the socket a moment before it listens.
         let mut tries = 0;
         let stream = loop {
-            match tokio::net::UnixStream::connect(socket).await {
+            // Through the directory's descriptor: the path may be longer
+            // than `sun_path`.
+            let connected = match husk_sys::socket_path::SocketPath::new(socket) {
+                Ok(short) => tokio::net::UnixStream::connect(short.path()).await,
+                Err(e) => Err(e),
+            };
+            match connected {
                 Ok(s) => break s,
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 500 => {
                     tries += 1;

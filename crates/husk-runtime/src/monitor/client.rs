@@ -31,12 +31,15 @@ pub struct MonitorClient {
 impl MonitorClient {
     /// Connects to the monitor of the container whose state dir is `dir`.
     pub fn connect(dir: &Path, id: &str) -> Result<MonitorClient, ClientError> {
-        let stream = UnixStream::connect(dir.join(MONITOR_SOCKET)).map_err(|source| {
-            ClientError::Unreachable {
-                id: id.to_string(),
-                source,
-            }
-        })?;
+        // Through the directory's descriptor: `<root>/<id>/monitor.sock`
+        // may be longer than `sun_path` (Docker's root and ids).
+        let stream =
+            husk_sys::socket_path::connect_unix(&dir.join(MONITOR_SOCKET)).map_err(|source| {
+                ClientError::Unreachable {
+                    id: id.to_string(),
+                    source,
+                }
+            })?;
         Ok(MonitorClient { stream })
     }
 

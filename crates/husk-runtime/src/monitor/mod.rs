@@ -257,10 +257,17 @@ async fn serve_inner(
         {
             let _ = sandbox.resize(&id, "", rows.into(), cols.into()).await;
         }
-        let listener = UnixListener::bind(&sock).map_err(|source| MonitorError::Listen {
-            path: sock.clone(),
-            source,
-        })?;
+        // Through the directory's descriptor: the path may be longer than
+        // `sun_path` (Docker's root and ids).
+        let listener = husk_sys::socket_path::bind_unix(&sock)
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                UnixListener::from_std(l)
+            })
+            .map_err(|source| MonitorError::Listen {
+                path: sock.clone(),
+                source,
+            })?;
         // 0600 whatever the umask (the dir is 0700 too).
         crate::sandbox_dir::restrict(&sock, 0o600).map_err(|source| MonitorError::Listen {
             path: sock.clone(),
