@@ -16,6 +16,7 @@
 
 pub mod bench;
 pub mod containerd;
+pub mod cri;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
