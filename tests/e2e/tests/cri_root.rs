@@ -59,7 +59,7 @@ fn cri_pod_runs_execs_logs_and_leaves_nothing() {
         &[
             "sh",
             "-c",
-            "echo \"hello $GREETING\"; echo to-stderr >&2; exec sleep 100000",
+            "echo \"hello $GREETING\"; echo to-stderr >&2; while sleep 1; do echo tick; done",
         ],
     );
     cc.envs = cri::envs(&[("GREETING", "from-cri")]);
@@ -128,6 +128,22 @@ fn cri_pod_runs_execs_logs_and_leaves_nothing() {
         lines.contains(&("stderr".into(), "F".into(), "to-stderr".into())),
         "{lines:?}"
     );
+    // ReopenContainerLog: after a rotation, the container's output goes
+    // to a new file at log_path.
+    let log = std::path::PathBuf::from(&s.log_path);
+    std::fs::rename(&log, log.with_extension("log.1")).unwrap();
+    c.ok(
+        "ReopenContainerLog",
+        c.runtime()
+            .reopen_container_log(api::ReopenContainerLogRequest {
+                container_id: app.clone(),
+            }),
+    );
+    let lines = c.wait_log(&log, "tick");
+    assert!(
+        lines.iter().all(|(_, _, t)| t == "tick"),
+        "the reopened log: {lines:?}"
+    );
     // Env through exec too.
     assert_eq!(
         c.exec_ok(&app, &["sh", "-c", "echo $GREETING"]),
@@ -188,6 +204,31 @@ fn cri_pod_runs_execs_logs_and_leaves_nothing() {
             .iter()
             .any(|s| s.attributes.as_ref().map(|a| a.id.as_str()) == Some(app.as_str())),
         "{listed:?}"
+    );
+
+    // PodSandboxStats: the pod's numbers, listing its container.
+    let pod_stats = c.ok(
+        "PodSandboxStats",
+        c.runtime().pod_sandbox_stats(api::PodSandboxStatsRequest {
+            pod_sandbox_id: pod.clone(),
+        }),
+    );
+    let linux = pod_stats
+        .stats
+        .and_then(|s| s.linux)
+        .expect("linux pod stats");
+    let mem = linux
+        .memory
+        .and_then(|m| m.working_set_bytes)
+        .map(|v| v.value);
+    assert!(mem.unwrap_or(0) > 0, "pod memory working set {mem:?}");
+    assert!(
+        linux
+            .containers
+            .iter()
+            .any(|s| s.attributes.as_ref().is_some_and(|a| a.id == app)),
+        "the pod's stats list its container: {:?}",
+        linux.containers
     );
 
     // UpdateContainerResources reaches the guest cgroup.
