@@ -800,6 +800,76 @@ impl Drop for Cri {
     }
 }
 
+/// Reads a streaming session (Exec, Attach) from containerd's streaming
+/// server at `url` as a client of the `v4.channel.k8s.io` WebSocket
+/// protocol would, from inside the test's network namespace (the server
+/// listens on its 127.0.0.1). Returns what each channel carried (1 stdout,
+/// 2 stderr, 3 the status) once the server closes the stream.
+pub fn stream(netns: &str, url: &str) -> std::collections::BTreeMap<u8, Vec<u8>> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .unwrap_or_else(|| panic!("streaming URL {url:?} is not http://"));
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = host.to_string();
+    let path = path.to_string();
+    let ns = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns).unwrap();
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let mut s = std::net::TcpStream::connect(&host)
+            .unwrap_or_else(|e| panic!("streaming server {host}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: aHVzay1jcmktc3RyZWFtIQ==\r\n\
+             Sec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n"
+        )
+        .unwrap();
+        let mut data = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => data.extend_from_slice(&buf[..n]),
+            }
+        }
+        let end = data
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no HTTP answer: {:?}", String::from_utf8_lossy(&data)));
+        let head = String::from_utf8_lossy(&data[..end]).to_string();
+        assert!(head.starts_with("HTTP/1.1 101"), "not upgraded: {head}");
+        let mut frames = &data[end + 4..];
+        let mut out = std::collections::BTreeMap::<u8, Vec<u8>>::new();
+        while frames.len() >= 2 {
+            let opcode = frames[0] & 0x0f;
+            let (len, at) = match frames[1] & 0x7f {
+                126 => (u16::from_be_bytes([frames[2], frames[3]]) as usize, 4),
+                127 => (
+                    u64::from_be_bytes(frames[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                n => (n as usize, 2),
+            };
+            let Some(payload) = frames.get(at..at + len) else {
+                break;
+            };
+            if opcode == 8 {
+                break;
+            }
+            if let Some((ch, body)) = payload.split_first() {
+                out.entry(*ch).or_default().extend_from_slice(body);
+            }
+            frames = &frames[at + len..];
+        }
+        out
+    })
+    .join()
+    .expect("the streaming client")
+}
+
 /// Splits a CRI log (`<RFC 3339 time> <stdout|stderr> <F|P> <text>` per
 /// line) into (stream, tag, text); panics on a line not in that format.
 pub fn parse_cri_log(text: &str) -> Vec<(String, String, String)> {

@@ -113,6 +113,34 @@ fn cri_pod_runs_execs_logs_and_leaves_nothing() {
     // The container still serves execs after the timed-out one.
     assert_eq!(c.exec_ok(&app, &["echo", "again"]), "again\n");
 
+    // Streaming Exec through containerd's streaming server.
+    let url = c
+        .ok(
+            "Exec",
+            c.runtime().exec(api::ExecRequest {
+                container_id: app.clone(),
+                cmd: ["sh", "-c", "echo streamed; echo err >&2; exit 3"]
+                    .map(String::from)
+                    .to_vec(),
+                stdout: true,
+                stderr: true,
+                ..Default::default()
+            }),
+        )
+        .url;
+    let got = cri::stream(&c.netns, &url);
+    let ch = |n: u8| text(got.get(&n).map_or(&[][..], |v| v.as_slice()));
+    assert_eq!(
+        (ch(1), ch(2)),
+        ("streamed\n".into(), "err\n".into()),
+        "{got:?}"
+    );
+    assert!(
+        ch(3).contains("NonZeroExitCode") && ch(3).contains("\"3\""),
+        "the exec's status: {}",
+        ch(3)
+    );
+
     // The log, in CRI format, at the pod's log directory + log_path.
     assert_eq!(
         s.log_path,
