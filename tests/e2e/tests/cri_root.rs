@@ -488,3 +488,87 @@ fn cri_ctr_run_cannot_join_a_pod_vm() {
     );
     c.assert_no_leaks();
 }
+
+/// CRI's `NamespaceOption.pid = POD`: the pod's containers share one PID
+/// namespace in the guest (the sandbox's), so one sees the other's
+/// processes.
+#[test]
+fn cri_pod_pid_namespace_is_shared_when_asked() {
+    let _leaks = LeakGuard::new();
+    let c = Cri::start("pidns");
+    let mut pc = c.pod_config("pids");
+    let pod_pid = |sc: &mut Option<api::NamespaceOption>| {
+        sc.get_or_insert_with(Default::default).pid = api::NamespaceMode::Pod as i32;
+    };
+    pod_pid(
+        &mut pc
+            .linux
+            .as_mut()
+            .unwrap()
+            .security_context
+            .as_mut()
+            .unwrap()
+            .namespace_options,
+    );
+    let pod = c.run_pod(&pc);
+    let member = |name: &str, args: &[&str]| {
+        let mut cc = Cri::container_config(name, args);
+        let mut sc = api::LinuxContainerSecurityContext::default();
+        pod_pid(&mut sc.namespace_options);
+        cc.linux.as_mut().unwrap().security_context = Some(sc);
+        cc
+    };
+    let a = c.run_container(&pod, &pc, member("a", &["sleep", "424242"]));
+    let b = c.run_container(&pod, &pc, member("b", &["sleep", "100000"]));
+    c.wait_state(&a, api::ContainerState::ContainerRunning);
+    c.wait_state(&b, api::ContainerState::ContainerRunning);
+    let ps = c.exec_ok(&b, &["ps", "-o", "args"]);
+    assert!(
+        ps.contains("sleep 424242"),
+        "container b does not see container a's process in the pod's PID namespace:\n{ps}"
+    );
+    c.stop_remove_pod(&pod);
+    c.assert_no_leaks();
+}
+
+/// A `hostNetwork` pod cannot be a VM: RunPodSandbox fails with husk's
+/// error saying what to use instead, and leaves nothing.
+#[test]
+fn cri_host_network_pod_is_refused_clearly() {
+    let _leaks = LeakGuard::new();
+    let c = Cri::start("hostnet");
+    let mut pc = c.pod_config("hostnet");
+    pc.linux
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap()
+        .namespace_options
+        .as_mut()
+        .unwrap()
+        .network = api::NamespaceMode::Node as i32;
+    let r = c.call(
+        300,
+        "RunPodSandbox",
+        c.runtime().run_pod_sandbox(api::RunPodSandboxRequest {
+            config: Some(pc),
+            runtime_handler: cri::HANDLER.into(),
+        }),
+    );
+    let e = r.expect_err("a hostNetwork pod ran");
+    assert!(
+        e.message()
+            .contains("cannot share the host's network stack"),
+        "{}",
+        e.message()
+    );
+    for p in c.list_pods() {
+        c.ok(
+            "RemovePodSandbox",
+            c.runtime()
+                .remove_pod_sandbox(api::RemovePodSandboxRequest { pod_sandbox_id: p }),
+        );
+    }
+    c.assert_no_leaks();
+}
