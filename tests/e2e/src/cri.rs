@@ -381,11 +381,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     /// RunPodSandbox with the `husk` handler; returns the pod's id.
     pub fn run_pod(&self, config: &cri::PodSandboxConfig) -> String {
+        self.run_pod_with(config, HANDLER)
+    }
+
+    /// RunPodSandbox with runtime handler `handler` (`husk` or `runc`).
+    pub fn run_pod_with(&self, config: &cri::PodSandboxConfig, handler: &str) -> String {
         let r = self.ok(
             "RunPodSandbox",
             self.runtime().run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(config.clone()),
-                runtime_handler: HANDLER.into(),
+                runtime_handler: handler.into(),
             }),
         );
         crate::leak::watch(r.pod_sandbox_id.clone());
