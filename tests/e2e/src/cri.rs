@@ -687,6 +687,19 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         assert!(netns.is_empty(), "pod netns left: {netns:?}");
         let cgroups = self.cgroups();
         assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
+        // libcni's cache (not configurable in containerd 1.6): one file per
+        // attachment, `<network>-<container id>-<ifname>`.
+        let cached: Vec<PathBuf> = std::fs::read_dir("/var/lib/cni/results")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("husk-cri-"))
+            })
+            .collect();
+        assert!(cached.is_empty(), "CNI results left: {cached:?}");
     }
 
     /// The guest's boot id as seen from container `id`.

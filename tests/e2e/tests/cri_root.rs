@@ -282,6 +282,12 @@ fn cri_pod_runs_execs_logs_and_leaves_nothing() {
     );
 
     assert!(!c.links("veth").is_empty(), "the pod's veth");
+    let cgroups = c.cgroups();
+    assert!(
+        cgroups.iter().any(|d| d.ends_with(&pod)),
+        "the pod's host cgroup below {}: {cgroups:?}",
+        c.cgroup_parent
+    );
     assert_eq!(
         c.pod_netns().len(),
         1,
