@@ -141,6 +141,40 @@ fn cri_pod_runs_execs_logs_and_leaves_nothing() {
         ch(3)
     );
 
+    // Streaming Attach to a container that speaks a few seconds after its
+    // start, then exits: the stream carries its output and ends with it.
+    let talker = c.run_container(
+        &pod,
+        &pc,
+        Cri::container_config(
+            "talker",
+            &[
+                "sh",
+                "-c",
+                "sleep 5; echo attached-out; echo attached-err >&2",
+            ],
+        ),
+    );
+    let url = c
+        .ok(
+            "Attach",
+            c.runtime().attach(api::AttachRequest {
+                container_id: talker.clone(),
+                stdout: true,
+                stderr: true,
+                ..Default::default()
+            }),
+        )
+        .url;
+    let got = cri::stream(&c.netns, &url);
+    let ch = |n: u8| text(got.get(&n).map_or(&[][..], |v| v.as_slice()));
+    assert_eq!(
+        (ch(1), ch(2)),
+        ("attached-out\n".into(), "attached-err\n".into()),
+        "{got:?}"
+    );
+    c.wait_state(&talker, api::ContainerState::ContainerExited);
+
     // The log, in CRI format, at the pod's log directory + log_path.
     assert_eq!(
         s.log_path,
