@@ -14,6 +14,40 @@ use k8s_cri::v1 as api;
 /// /sys/fs/cgroup with a cgroup namespace, below it without).
 const MEMORY_MAX: &str = "cat /sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup)/memory.max";
 
+/// A shell loop fetching `/passwd` from busybox httpd at `addr` (its
+/// `-h /etc`), retried while the server comes up.
+fn fetch_passwd(addr: &str) -> String {
+    format!(
+        "for i in $(seq 50); do \
+           printf 'GET /passwd HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {addr} 8080 && exit 0; \
+           sleep 0.2; \
+         done; exit 1"
+    )
+}
+
+/// Two running containers: `srv` (busybox httpd on `listen`, serving /etc)
+/// in `srv_pod`, and `cli` (sleeping) in `cli_pod`.
+fn server_and_client(
+    c: &Cri,
+    srv_pod: (&str, &api::PodSandboxConfig),
+    listen: &str,
+    cli_pod: (&str, &api::PodSandboxConfig),
+) -> (String, String) {
+    let srv = c.run_container(
+        srv_pod.0,
+        srv_pod.1,
+        Cri::container_config("srv", &["httpd", "-f", "-p", listen, "-h", "/etc"]),
+    );
+    let cli = c.run_container(
+        cli_pod.0,
+        cli_pod.1,
+        Cri::container_config("cli", &["sleep", "100000"]),
+    );
+    c.wait_state(&srv, api::ContainerState::ContainerRunning);
+    c.wait_state(&cli, api::ContainerState::ContainerRunning);
+    (srv, cli)
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -339,21 +373,7 @@ fn cri_pod_members_share_one_vm_and_localhost() {
     let c = Cri::start("lo");
     let pc = c.pod_config("duo");
     let pod = c.run_pod(&pc);
-    let srv = c.run_container(
-        &pod,
-        &pc,
-        Cri::container_config(
-            "srv",
-            &["httpd", "-f", "-p", "127.0.0.1:8080", "-h", "/etc"],
-        ),
-    );
-    let cli = c.run_container(
-        &pod,
-        &pc,
-        Cri::container_config("cli", &["sleep", "100000"]),
-    );
-    c.wait_state(&srv, api::ContainerState::ContainerRunning);
-    c.wait_state(&cli, api::ContainerState::ContainerRunning);
+    let (srv, cli) = server_and_client(&c, (&pod, &pc), "127.0.0.1:8080", (&pod, &pc));
     assert_eq!(
         c.qemus().len(),
         1,
@@ -361,11 +381,7 @@ fn cri_pod_members_share_one_vm_and_localhost() {
     );
     assert_eq!(c.shims().len(), 1, "one shim for the pod");
     assert_eq!(c.boot_id(&srv), c.boot_id(&cli), "one guest");
-    let fetch = "for i in $(seq 100); do \
-                   printf 'GET /passwd HTTP/1.0\\r\\n\\r\\n' | nc 127.0.0.1 8080 && exit 0; \
-                   sleep 0.1; \
-                 done; exit 1";
-    let got = c.exec_ok(&cli, &["sh", "-c", fetch]);
+    let got = c.exec_ok(&cli, &["sh", "-c", &fetch_passwd("127.0.0.1")]);
     assert!(
         got.contains("200 OK") && got.contains("root:x:0:0"),
         "{got}"
@@ -391,21 +407,10 @@ fn cri_pods_reach_each_other_by_pod_ip() {
     let c = Cri::start("ip");
     let pc1 = c.pod_config("one");
     let pod1 = c.run_pod(&pc1);
-    let srv = c.run_container(
-        &pod1,
-        &pc1,
-        Cri::container_config("srv", &["httpd", "-f", "-p", "8080", "-h", "/etc"]),
-    );
-    c.wait_state(&srv, api::ContainerState::ContainerRunning);
     let ip1 = c.pod_ip(&pod1);
     let pc2 = c.pod_config("two");
     let pod2 = c.run_pod(&pc2);
-    let cli = c.run_container(
-        &pod2,
-        &pc2,
-        Cri::container_config("cli", &["sleep", "100000"]),
-    );
-    c.wait_state(&cli, api::ContainerState::ContainerRunning);
+    let (_srv, cli) = server_and_client(&c, (&pod1, &pc1), "8080", (&pod2, &pc2));
     let ip2 = c.pod_ip(&pod2);
     assert!(ip1.starts_with(SUBNET_PREFIX) && ip2.starts_with(SUBNET_PREFIX) && ip1 != ip2);
     assert_eq!(c.qemus().len(), 2, "one VM per pod");
@@ -415,13 +420,9 @@ fn cri_pods_reach_each_other_by_pod_ip() {
         addrs.contains(&format!("{ip2}/")),
         "pod two's addresses: {addrs}"
     );
-    let fetch = format!(
-        "for i in $(seq 50); do \
-           printf 'GET /passwd HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip1} 8080 && exit 0; \
-           sleep 0.2; \
-         done; exit 1"
-    );
-    let r = c.exec_sync(&cli, &["sh", "-c", &fetch], 120).unwrap();
+    let r = c
+        .exec_sync(&cli, &["sh", "-c", &fetch_passwd(&ip1)], 120)
+        .unwrap();
     assert_eq!(
         r.exit_code,
         0,
