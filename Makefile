@@ -45,13 +45,16 @@ initrd: agent
 
 guest: kernel initrd
 
-## install: husk to $(PREFIX)/bin, the guest to $(PREFIX)/share/husk (the config defaults)
+## install: husk to $(PREFIX)/bin, the guest to $(PREFIX)/share/husk (the config defaults),
+##          containerd's `husk` runtime handler snippet to $(PREFIX)/share/husk (not applied)
 install: build guest
 	install -D -m 0755 $(TARGET_DIR)/release/husk $(PREFIX)/bin/husk
 	install -D -m 0755 $(TARGET_DIR)/release/containerd-shim-husk-v2 $(PREFIX)/bin/containerd-shim-husk-v2
 	install -D -m 0644 $(GUEST_DIR)/vmlinux $(PREFIX)/share/husk/vmlinux
 	install -D -m 0644 $(GUEST_DIR)/vmlinux.release $(PREFIX)/share/husk/vmlinux.release
 	install -D -m 0644 $(GUEST_DIR)/initrd.img $(PREFIX)/share/husk/initrd.img
+	install -D -m 0644 crates/husk-shim/dist/containerd-husk.toml $(PREFIX)/share/husk/containerd-husk.toml
+	@echo "containerd: append $(PREFIX)/share/husk/containerd-husk.toml to /etc/containerd/config.toml for the CRI runtime handler husk (docs/kubernetes.md)"
 
 DEMO_BUNDLE ?= /var/tmp/husk-demo-bundle
 

@@ -60,6 +60,67 @@ pub fn membership(spec: &Spec) -> Membership {
     }
 }
 
+/// What a pod's members are checked against: how its owner was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodOrigin {
+    /// The owner is a CRI sandbox container (`container-type: sandbox`).
+    pub cri_sandbox: bool,
+    /// The host network namespace the owner's spec names (CNI's, under CRI).
+    pub netns: Option<String>,
+}
+
+impl PodOrigin {
+    pub fn of(owner: &Spec) -> PodOrigin {
+        PodOrigin {
+            cri_sandbox: annotation(owner, CONTAINER_TYPE) == Some("sandbox"),
+            netns: netns_path(owner),
+        }
+    }
+
+    /// Whether the container `cid` (with `member`) may join this pod,
+    /// `pod`, whose tasks containerd knows by `host_pid`. It may only as
+    /// containerd's CRI makes pod members: the owner is a CRI sandbox, and
+    /// when the owner has a network namespace of its own (a pod network
+    /// from CNI), the member names it, either by its path or as the
+    /// sandbox task's (`/proc/<pid>/ns/net`). A client that merely sets
+    /// the sandbox-id annotation on another container gets an error.
+    pub fn admits(&self, pod: &str, host_pid: u32, cid: &str, member: &Spec) -> Result<(), String> {
+        if !self.cri_sandbox {
+            return Err(format!(
+                "container {cid} does not join pod {pod}: pod {pod} was not created through CRI \
+                 (its first container has no {CONTAINER_TYPE}=sandbox annotation)"
+            ));
+        }
+        let Some(pod_netns) = &self.netns else {
+            return Ok(());
+        };
+        let by_pid = format!("/proc/{host_pid}/ns/net");
+        match netns_path(member) {
+            Some(p) if p == *pod_netns || p == by_pid => Ok(()),
+            other => Err(format!(
+                "container {cid} does not join pod {pod}: its network namespace ({}) is not the \
+                 pod's ({pod_netns} or {by_pid}), as containerd's CRI would set it; run it through \
+                 CRI, or as a pod of its own without the {SANDBOX_ID} annotation",
+                other.as_deref().unwrap_or("a new one")
+            )),
+        }
+    }
+}
+
+/// The path of the spec's network namespace, if it names one.
+fn netns_path(spec: &Spec) -> Option<String> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)?
+        .path()
+        .as_ref()
+        .map(|p| p.to_string_lossy().into_owned())
+        .filter(|p| !p.is_empty())
+}
+
 /// The id of the pod a container (`cid`, with `spec`) belongs to.
 pub fn pod_id(cid: &str, spec: &Spec) -> String {
     match membership(spec) {
@@ -176,6 +237,58 @@ mod tests {
             serde_json::json!({}),
         );
         assert_eq!(membership(&lost), Membership::Owner);
+    }
+
+    fn with_netns(annotations: serde_json::Value, netns: Option<&str>) -> Spec {
+        let mut ns = serde_json::json!({"type": "network"});
+        if let Some(p) = netns {
+            ns["path"] = p.into();
+        }
+        serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "annotations": annotations,
+            "linux": {"namespaces": [ns]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_cri_made_members_join_a_pod() {
+        let member = |netns: Option<&str>| {
+            with_netns(
+                serde_json::json!({CONTAINER_TYPE: "container", SANDBOX_ID: "p1"}),
+                netns,
+            )
+        };
+        // A pod whose first container is no CRI sandbox admits nobody.
+        let plain = PodOrigin::of(&with_netns(serde_json::json!({}), None));
+        let e = plain.admits("p1", 42, "c2", &member(None)).unwrap_err();
+        assert!(e.contains("not created through CRI"), "{e}");
+        // A CRI sandbox without a network of its own: the annotations do.
+        let bare = PodOrigin::of(&with_netns(
+            serde_json::json!({CONTAINER_TYPE: "sandbox", SANDBOX_ID: "p1"}),
+            None,
+        ));
+        assert_eq!(bare.admits("p1", 42, "c2", &member(None)), Ok(()));
+        // A CRI pod with CNI's netns: the member must name it.
+        let cni = PodOrigin::of(&with_netns(
+            serde_json::json!({CONTAINER_TYPE: "sandbox", SANDBOX_ID: "p1"}),
+            Some("/var/run/netns/cni-1"),
+        ));
+        assert_eq!(cni.netns.as_deref(), Some("/var/run/netns/cni-1"));
+        assert_eq!(
+            cni.admits("p1", 42, "c2", &member(Some("/proc/42/ns/net"))),
+            Ok(())
+        );
+        assert_eq!(
+            cni.admits("p1", 42, "c2", &member(Some("/var/run/netns/cni-1"))),
+            Ok(())
+        );
+        for bad in [None, Some("/proc/43/ns/net"), Some("/var/run/netns/other")] {
+            let e = cni.admits("p1", 42, "c2", &member(bad)).unwrap_err();
+            assert!(e.contains("does not join pod p1"), "{e}");
+        }
     }
 
     #[test]

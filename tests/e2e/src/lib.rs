@@ -16,6 +16,7 @@
 
 pub mod bench;
 pub mod containerd;
+pub mod cri;
 pub mod docker;
 
 use std::io::Write;

@@ -64,19 +64,30 @@ impl TaskService {
                     .launch(&cfg, dir, cid, &bundle, &agent_log)
                     .await
                     .map_err(|e| error::sandbox(&e))?;
-                inner.lock().sandbox = Some(sandbox.clone());
+                {
+                    let mut t = inner.lock();
+                    t.sandbox = Some(sandbox.clone());
+                    t.origin = Some(pod::PodOrigin::of(&bundle.spec));
+                }
                 forward_events(inner.clone(), &sandbox);
                 (sandbox, true)
             }
             Membership::Member { sandbox_id } => {
-                let sandbox = inner
-                    .lock()
-                    .sandbox
-                    .clone()
-                    .filter(|p| p.id() == sandbox_id)
-                    .ok_or_else(|| {
-                        error::not_found(format!("pod {sandbox_id} does not run in this shim"))
-                    })?;
+                let (sandbox, origin) = {
+                    let t = inner.lock();
+                    (t.sandbox.clone(), t.origin.clone())
+                };
+                let sandbox = sandbox.filter(|p| p.id() == sandbox_id).ok_or_else(|| {
+                    error::not_found(format!("pod {sandbox_id} does not run in this shim"))
+                })?;
+                if let Some(origin) = origin {
+                    origin
+                        .admits(&sandbox_id, sandbox.host_pid(), cid, &bundle.spec)
+                        .map_err(|e| {
+                            tracing::warn!(container = %cid, pod = %sandbox_id, "{e}");
+                            error::failed_precondition(e)
+                        })?;
+                }
                 (sandbox, false)
             }
         };
@@ -94,7 +105,9 @@ impl TaskService {
             Err(e) => {
                 if owner {
                     sandbox.teardown(false).await;
-                    inner.lock().sandbox = None;
+                    let mut t = inner.lock();
+                    t.sandbox = None;
+                    t.origin = None;
                 }
                 return Err(e);
             }
@@ -247,6 +260,7 @@ impl TaskService {
                 // ends); a later Delete of one finds nothing, which
                 // containerd takes as done.
                 t.sandbox = None;
+                t.origin = None;
                 t.containers.drain().map(|(_, c)| c).collect()
             } else {
                 t.containers.remove(cid).into_iter().collect()

@@ -47,6 +47,8 @@ pub use launch::{Launch, QemuLaunch};
 #[derive(Default)]
 struct Tasks {
     sandbox: Option<Arc<Sandbox>>,
+    /// How the pod's owner was made: who may join it.
+    origin: Option<husk_runtime::pod::PodOrigin>,
     containers: HashMap<String, Container>,
     /// `(container, exec)` whose start is being reported: their exit waits
     /// in `deferred`, so containerd never hears of an end before its start.
