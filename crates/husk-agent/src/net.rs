@@ -448,7 +448,8 @@ mod tests {
 
     #[test]
     fn bad_fields_are_named() {
-        let cases: Vec<(Box<dyn Fn(&mut ConfigureNetworkRequest)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut ConfigureNetworkRequest)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (
                 Box::new(|r| r.interfaces[0].mac = "0a:58".into()),
                 "six hex bytes",

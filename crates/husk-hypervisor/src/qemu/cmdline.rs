@@ -208,7 +208,29 @@ mod tests {
             uid_pool: None,
             hypervisor_log: d.join("qemu.log"),
             host_cpus: None,
+            nics: Vec::new(),
         }
+    }
+
+    #[test]
+    fn each_nic_is_a_tap_fd_and_a_virtio_net_device_with_its_mac() {
+        let mut s = spec(SharedFs::NineP, Accel::Tcg);
+        let null = std::sync::Arc::new(std::os::fd::OwnedFd::from(
+            std::fs::File::open("/dev/null").unwrap(),
+        ));
+        for mac in [[0x0a, 0x58, 0x0a, 0x58, 0, 5], [2, 0, 0, 0, 0, 9]] {
+            s.nics.push(crate::Nic {
+                tap: null.clone(),
+                mac,
+            });
+        }
+        let a = joined(&s);
+        assert!(a.contains(
+            "-netdev tap,id=net0,fd=8 -device virtio-net-device,netdev=net0,mac=0a:58:0a:58:00:05 \
+             -netdev tap,id=net1,fd=9 -device virtio-net-device,netdev=net1,mac=02:00:00:00:00:09"
+        ), "{a}");
+        // No NIC without taps.
+        assert!(!joined(&spec(SharedFs::NineP, Accel::Tcg)).contains("-netdev"));
     }
 
     fn joined(spec: &VmSpec) -> String {
