@@ -232,6 +232,16 @@ fn docker_detached_exec_stats_rm() {
     assert_eq!(code, Some(6), "{out}");
     assert!(out.contains("EIT-25"), "{out}");
 
+    // The container's processes, as docs/docker.md advises instead of
+    // `docker top`: `docker exec ID ps` and husk's own `ps`.
+    let ps = d.ok(&["exec", &id, "ps"]);
+    assert!(ps.contains("sleep 1000"), "{ps}");
+    let mut c = std::process::Command::new(husk_bin());
+    c.arg("--root").arg(d.runtime_root()).args(["ps", &id]);
+    let o = run_timeout(c, docker::DOCKER_TIMEOUT);
+    assert_exit(&o, 0);
+    assert!(stdout(&o).contains("sleep 1000"), "{}", stdout(&o));
+
     // The sandbox's host cgroup: QEMU's and virtiofsd's memory, far above
     // what a bare monitor uses.
     let usage = d.ok(&["stats", "--no-stream", "--format", "{{.MemUsage}}", &id]);
