@@ -282,18 +282,15 @@ impl Dockerd {
         self.run_on("none", opts, cmd)
     }
 
-    /// [`Self::run`] on `network` (`bridge`, a network's name, `none`).
+    /// [`Self::run`] on `network` (`bridge`, a network's name, `none`;
+    /// `""`: no `--network`, Docker's default bridge).
     pub fn run_on(&self, network: &str, opts: &[&str], cmd: &[&str]) -> Output {
         let cid = self.cidfile();
-        let mut args: Vec<String> = vec![
-            "run".into(),
-            "--runtime".into(),
-            RUNTIME.into(),
-            "--network".into(),
-            network.into(),
-            "--cidfile".into(),
-            cid.to_string_lossy().into(),
-        ];
+        let mut args: Vec<String> = vec!["run".into(), "--runtime".into(), RUNTIME.into()];
+        if !network.is_empty() {
+            args.extend(["--network".into(), network.into()]);
+        }
+        args.extend(["--cidfile".into(), cid.to_string_lossy().into()]);
         args.extend(opts.iter().map(|s| s.to_string()));
         args.push(IMAGE.into());
         args.extend(cmd.iter().map(|s| s.to_string()));

@@ -447,6 +447,20 @@ fn docker_default_bridge_address_mac_publish_and_rm() {
     // reached by address over docker0.
     served(&d, "127.0.0.1", 18080);
     served(&d, ip, 8080);
+    // From another container on docker0 (its own VM), by the name
+    // `--link` puts in its /etc/hosts (no `--network`: Docker 20.10's
+    // client refuses links with an explicit one).
+    let o = d.run_on(
+        "",
+        &["--rm", "--link", "hkd-bweb:web"],
+        &[
+            "sh",
+            "-c",
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 web 8080",
+        ],
+    );
+    assert_exit(&o, 0);
+    assert!(stdout(&o).contains("husk-docker-ok"), "{}", stdout(&o));
 
     // A restart is a new create: a new monitor in a new namespace, which
     // Docker's hook configures again.
