@@ -5,13 +5,18 @@
 //! - its own `--data-root`, `--exec-root`, socket (`-H unix://...`), pid
 //!   file and `daemon.json` (which adds the `husk` runtime with
 //!   `--config <husk.toml>` as its runtime argument, so the test guest is
-//!   used), `--iptables=false --bridge=none`;
+//!   used); by default `--iptables=false --bridge=none` (no network but
+//!   `--network none`), or, with [`Dockerd::start_with_bridge`], Docker's
+//!   default bridge (`docker0`), its iptables rules and `docker-proxy`,
+//!   all inside the daemon's own network namespace;
 //! - the exec-root is exactly as long as Docker's default
 //!   (`/var/run/docker`), so the runtime's `--root`
 //!   (`<exec-root>/runtime-runc/moby`) and 64-character ids give husk's
 //!   sockets the paths a default install gives them (beyond `sun_path`);
 //! - it runs in a network namespace made for it (`ip netns add`, entered
-//!   with `nsenter --net=...`), removed with it;
+//!   with `nsenter --net=...`), removed with it: every bridge, veth,
+//!   iptables rule and published port is there, never in the host's
+//!   namespace ([`Dockerd::netns_sh`] runs commands there);
 //! - one busybox image, from a busybox-static rootfs with `docker import`;
 //! - the client is Debian's `/usr/bin/docker` (20.10, API 1.41), with its
 //!   own `DOCKER_CONFIG`.
@@ -59,6 +64,8 @@ pub struct Dockerd {
     /// The exec-root, as long as `/var/run/docker`.
     exec_root: PathBuf,
     netns: String,
+    /// Docker's bridge networking (default bridge, iptables) is on.
+    bridge: bool,
     child: Option<Child>,
     ids: RefCell<Vec<String>>,
 }
@@ -75,9 +82,25 @@ fn sh(cmd: &mut Command) -> Output {
     out
 }
 
+fn sh_any(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
 impl Dockerd {
-    /// Starts dockerd and imports [`IMAGE`].
+    /// Starts dockerd with no network but `none` (`--iptables=false
+    /// --bridge=none`) and imports [`IMAGE`].
     pub fn start(tag: &str) -> Dockerd {
+        Dockerd::start_with(tag, false)
+    }
+
+    /// Starts dockerd with its default bridge and iptables, in its own
+    /// namespace, and imports [`IMAGE`].
+    pub fn start_with_bridge(tag: &str) -> Dockerd {
+        Dockerd::start_with(tag, true)
+    }
+
+    fn start_with(tag: &str, bridge: bool) -> Dockerd {
         require_root();
         leak::require_guard();
         for (bin, pkg) in [(DOCKERD, "docker.io"), (DOCKER, "docker.io")] {
@@ -128,6 +151,7 @@ impl Dockerd {
             base,
             exec_root,
             netns,
+            bridge,
             child: None,
             ids: RefCell::new(Vec::new()),
         };
@@ -148,7 +172,11 @@ impl Dockerd {
             .arg(d.base.join("dockerd.pid"))
             .arg("--config-file")
             .arg(d.base.join("daemon.json"))
-            .args(["--iptables=false", "--ip6tables=false", "--bridge=none"])
+            .args(if d.bridge {
+                &[][..]
+            } else {
+                &["--iptables=false", "--ip6tables=false", "--bridge=none"][..]
+            })
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -163,6 +191,21 @@ impl Dockerd {
         assert!(up.is_some(), "dockerd did not answer: {}", d.log_tail());
         d.import_image();
         d
+    }
+
+    /// The daemon's network namespace (`/run/netns/<name>`).
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.netns)
+    }
+
+    /// `sh -c script` in the daemon's network namespace; its output,
+    /// whatever the status.
+    pub fn netns_sh(&self, script: &str) -> Output {
+        sh_any(
+            Command::new("nsenter")
+                .arg(format!("--net={}", self.netns_path().display()))
+                .args(["--", "sh", "-c", script]),
+        )
     }
 
     fn socket(&self) -> PathBuf {
@@ -236,16 +279,18 @@ impl Dockerd {
     /// `docker run --runtime husk --network none --cidfile F OPTS IMAGE CMD...`:
     /// the id is recorded whatever happens.
     pub fn run(&self, opts: &[&str], cmd: &[&str]) -> Output {
+        self.run_on("none", opts, cmd)
+    }
+
+    /// [`Self::run`] on `network` (`bridge`, a network's name, `none`;
+    /// `""`: no `--network`, Docker's default bridge).
+    pub fn run_on(&self, network: &str, opts: &[&str], cmd: &[&str]) -> Output {
         let cid = self.cidfile();
-        let mut args: Vec<String> = vec![
-            "run".into(),
-            "--runtime".into(),
-            RUNTIME.into(),
-            "--network".into(),
-            "none".into(),
-            "--cidfile".into(),
-            cid.to_string_lossy().into(),
-        ];
+        let mut args: Vec<String> = vec!["run".into(), "--runtime".into(), RUNTIME.into()];
+        if !network.is_empty() {
+            args.extend(["--network".into(), network.into()]);
+        }
+        args.extend(["--cidfile".into(), cid.to_string_lossy().into()]);
         args.extend(opts.iter().map(|s| s.to_string()));
         args.push(IMAGE.into());
         args.extend(cmd.iter().map(|s| s.to_string()));

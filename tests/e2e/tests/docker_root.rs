@@ -232,6 +232,16 @@ fn docker_detached_exec_stats_rm() {
     assert_eq!(code, Some(6), "{out}");
     assert!(out.contains("EIT-25"), "{out}");
 
+    // The container's processes, as docs/docker.md advises instead of
+    // `docker top`: `docker exec ID ps` and husk's own `ps`.
+    let ps = d.ok(&["exec", &id, "ps"]);
+    assert!(ps.contains("sleep 1000"), "{ps}");
+    let mut c = std::process::Command::new(husk_bin());
+    c.arg("--root").arg(d.runtime_root()).args(["ps", &id]);
+    let o = run_timeout(c, docker::DOCKER_TIMEOUT);
+    assert_exit(&o, 0);
+    assert!(stdout(&o).contains("sleep 1000"), "{}", stdout(&o));
+
     // The sandbox's host cgroup: QEMU's and virtiofsd's memory, far above
     // what a bare monitor uses.
     let usage = d.ok(&["stats", "--no-stream", "--format", "{{.MemUsage}}", &id]);
@@ -338,4 +348,216 @@ fn docker_logs_stop_restart_pause_volume() {
     );
     d.ok(&["rm", "-f", &id]);
     d.assert_clean();
+}
+
+/// busybox httpd on port 8080 serving a page that says `husk-docker-ok`.
+const HTTPD: &str =
+    "mkdir -p /www && echo husk-docker-ok > /www/index.html && exec httpd -f -p 8080 -h /www";
+
+/// An HTTP GET from the daemon's namespace (busybox `nc`: the host has no
+/// `nc`, and busybox-static's `wget` crashes on non-loopback addresses).
+fn get(d: &Dockerd, addr: &str, port: u16) -> String {
+    let o = d.netns_sh(&format!(
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 5 {addr} {port}"
+    ));
+    stdout(&o)
+}
+
+/// Waits until the page is served at `addr:port` from the daemon's
+/// namespace.
+fn served(d: &Dockerd, addr: &str, port: u16) {
+    wait_until(
+        Duration::from_secs(90),
+        &format!("httpd answering on {addr}:{port}"),
+        || get(d, addr, port).contains("husk-docker-ok"),
+    );
+}
+
+/// `docker run -d` of [`HTTPD`] on `network` with `opts`; its id.
+fn httpd(d: &Dockerd, network: &str, opts: &[&str]) -> String {
+    let mut args = vec!["run", "-d", "--runtime", "husk", "--network", network];
+    args.extend_from_slice(opts);
+    args.extend_from_slice(&[docker::IMAGE, "sh", "-c", HTTPD]);
+    let id = d.ok(&args);
+    d.remember(&id);
+    id
+}
+
+/// What husk could leave in the daemon's namespace and in the container's
+/// (Docker's sandbox key, while it exists).
+fn traces(d: &Dockerd, sandbox_key: &Path) -> Vec<String> {
+    let mut t = husk_testutil::netns::husk_traces_in(&d.netns_path());
+    if sandbox_key.exists() {
+        t.extend(husk_testutil::netns::husk_traces_in(sandbox_key));
+    }
+    t
+}
+
+#[test]
+fn docker_default_bridge_address_mac_publish_and_rm() {
+    let _leaks = LeakGuard::new();
+    let d = Dockerd::start_with_bridge("bridge");
+    let id = httpd(
+        &d,
+        "bridge",
+        &["--name", "hkd-bweb", "-p", "127.0.0.1:18080:8080"],
+    );
+    let inspect = d.ok(&[
+        "inspect",
+        "-f",
+        "{{.NetworkSettings.IPAddress}} {{.NetworkSettings.MacAddress}} {{.NetworkSettings.SandboxKey}}",
+        &id,
+    ]);
+    eprintln!("docker inspect: {inspect}");
+    let mut it = inspect.split(' ');
+    let (ip, mac, key) = (
+        it.next().unwrap_or_default(),
+        it.next().unwrap_or_default(),
+        Path::new(it.next().unwrap_or_default()).to_path_buf(),
+    );
+    assert!(!ip.is_empty() && !mac.is_empty(), "{inspect}");
+    // The container's network namespace on the host is the monitor's own:
+    // neither the daemon's nor the host's (Docker's hook configured
+    // /proc/PID/ns/net).
+    let pid = d.ok(&["inspect", "-f", "{{.State.Pid}}", &id]);
+    let ns_of = |p: &str| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).map(|m| m.ino()).unwrap()
+    };
+    let own = ns_of(&format!("/proc/{pid}/ns/net"));
+    assert_ne!(own, ns_of(&d.netns_path().to_string_lossy()), "daemon's");
+    assert_ne!(own, ns_of("/proc/self/ns/net"), "the test's (host's)");
+    assert_eq!(own, ns_of(&key.to_string_lossy()), "Docker's sandbox key");
+    assert!(
+        !traces(&d, &key).is_empty(),
+        "the container's namespace ({}) carries husk's tap while it runs",
+        key.display()
+    );
+
+    // eth0 in the container (in the VM) has what Docker recorded.
+    let addr = d.ok(&["exec", &id, "ip", "-o", "addr", "show", "eth0"]);
+    assert!(addr.contains(&format!("{ip}/")), "{addr} lacks {ip}");
+    let guest_mac = d.ok(&["exec", &id, "cat", "/sys/class/net/eth0/address"]);
+    assert_eq!(guest_mac, mac);
+    assert_eq!(d.ok(&["exec", &id, "uname", "-r"]), guest_release());
+    let route = d.ok(&["exec", &id, "ip", "route"]);
+    assert!(route.contains("default via"), "{route}");
+
+    // Published on 127.0.0.1 of the daemon's namespace (docker-proxy), and
+    // reached by address over docker0.
+    served(&d, "127.0.0.1", 18080);
+    served(&d, ip, 8080);
+    // From another container on docker0 (its own VM), by the name
+    // `--link` puts in its /etc/hosts (no `--network`: Docker 20.10's
+    // client refuses links with an explicit one).
+    let o = d.run_on(
+        "",
+        &["--rm", "--link", "hkd-bweb:web"],
+        &[
+            "sh",
+            "-c",
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 web 8080",
+        ],
+    );
+    assert_exit(&o, 0);
+    assert!(stdout(&o).contains("husk-docker-ok"), "{}", stdout(&o));
+
+    // A restart is a new create: a new monitor in a new namespace, which
+    // Docker's hook configures again.
+    d.ok(&["restart", "-t", "1", &id]);
+    let pid2 = d.ok(&["inspect", "-f", "{{.State.Pid}}", &id]);
+    assert_ne!(pid, pid2, "a new monitor");
+    served(&d, "127.0.0.1", 18080);
+    let ip2 = d.ok(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", &id]);
+    let addr = d.ok(&["exec", &id, "ip", "-o", "addr", "show", "eth0"]);
+    assert!(addr.contains(&format!("{ip2}/")), "{addr} lacks {ip2}");
+    let key =
+        Path::new(&d.ok(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", &id])).to_path_buf();
+
+    d.ok(&["rm", "-f", &id]);
+    d.assert_clean();
+    assert_eq!(traces(&d, &key), Vec::<String>::new());
+    assert!(
+        !get(&d, "127.0.0.1", 18080).contains("husk-docker-ok"),
+        "nothing answers once removed"
+    );
+}
+
+#[test]
+fn docker_user_defined_bridge_connects_containers() {
+    let _leaks = LeakGuard::new();
+    let d = Dockerd::start_with_bridge("userbr");
+    d.ok(&["network", "create", "hkd-net"]);
+    let id = httpd(&d, "hkd-net", &["--name", "hkd-web"]);
+    let ip = d.ok(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &id,
+    ]);
+    assert!(!ip.is_empty(), "no address on hkd-net");
+    served(&d, &ip, 8080);
+    // From another container on the network (its own VM): by address ...
+    let o = d.run_on(
+        "hkd-net",
+        &["--rm"],
+        &[
+            "sh",
+            "-c",
+            &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 {ip} 8080"),
+        ],
+    );
+    assert_exit(&o, 0);
+    assert!(stdout(&o).contains("husk-docker-ok"), "{}", stdout(&o));
+    // ... and by a name in /etc/hosts (`--add-host`).
+    let o = d.run_on(
+        "hkd-net",
+        &["--rm", "--add-host", &format!("hkd-web-host:{ip}")],
+        &[
+            "sh",
+            "-c",
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 hkd-web-host 8080",
+        ],
+    );
+    assert_exit(&o, 0);
+    assert!(stdout(&o).contains("husk-docker-ok"), "{}", stdout(&o));
+
+    // Not by a name only Docker's embedded DNS knows: the container's
+    // resolv.conf says 127.0.0.11, where dockerd serves in the container's
+    // network namespace on the host (a socket on 127.0.0.11 and a DNAT rule
+    // to it, both there), but in the VM 127.0.0.11 is the guest's own
+    // loopback, where nothing listens (docs/docker.md).
+    let key = d.ok(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", &id]);
+    let on_host = d.netns_sh(&format!(
+        "nsenter --net={key} -- ss -lnu; nsenter --net={key} -- iptables -t nat -S"
+    ));
+    let on_host = stdout(&on_host);
+    eprintln!("the container's namespace on the host:\n{on_host}");
+    assert!(
+        on_host.contains("127.0.0.11:") && on_host.contains("--to-destination 127.0.0.11:"),
+        "Docker's resolver in the container's host namespace: {on_host}"
+    );
+    let o = d.run_on(
+        "hkd-net",
+        &["--rm"],
+        &[
+            "sh",
+            "-c",
+            "grep nameserver /etc/resolv.conf; nslookup hkd-web",
+        ],
+    );
+    let out = format!("{}{}", stdout(&o), stderr(&o));
+    eprintln!("by Docker's DNS: {out}");
+    assert!(out.contains("nameserver 127.0.0.11"), "{out}");
+    assert!(
+        !o.status.success() && out.contains("127.0.0.11"),
+        "hkd-web resolved through Docker's DNS in the VM: update docs/docker.md: {out}"
+    );
+    d.ok(&["rm", "-f", &id]);
+    d.ok(&["network", "rm", "hkd-net"]);
+    d.assert_clean();
+    assert_eq!(
+        husk_testutil::netns::husk_traces_in(&d.netns_path()),
+        Vec::<String>::new()
+    );
 }
