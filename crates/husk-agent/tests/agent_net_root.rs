@@ -1,9 +1,10 @@
-//! Network, IPC and UTS namespaces (root): a container with a network
+//! Network, IPC, UTS and PID namespaces (root): a container with a network
 //! namespace of its own has `lo` up with 127.0.0.1, as under runc, and a pod
 //! member whose namespace paths name its sandbox container
 //! (`husk_protocol::CONTAINER_NS_PREFIX`) shares that container's network,
-//! IPC and UTS namespaces. Only namespaces the agent makes for the test are
-//! touched; never the host's.
+//! IPC and UTS namespaces, and its PID namespace when the PID entry names
+//! it too (CRI's `NamespaceOption.pid = POD`). Only namespaces the agent
+//! makes for the test are touched; never the host's.
 
 mod support;
 
@@ -86,5 +87,93 @@ async fn root_a_pod_member_joins_its_sandbox_namespaces() {
 
     agent.remove("app").await.unwrap();
     agent.remove("sbx").await.unwrap();
+    agent.stop();
+}
+
+/// The PID namespace of this process (the host's, where the agent runs here).
+fn own_pidns() -> String {
+    std::fs::read_link("/proc/self/ns/pid")
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn root_a_pod_member_shares_its_sandbox_pid_namespace_when_asked() {
+    let agent = Agent::start().await;
+    let pod = format!("{}sbx", husk_protocol::CONTAINER_NS_PREFIX);
+    agent
+        .run("sbx", &spec(&agent.rootfs("sbx"), &["sleep", "424242"]))
+        .await;
+    let look = "readlink /proc/self/ns/pid; ps -o pid,args";
+    let (theirs, err, status) = agent
+        .exec_to_end("sbx", "look", &exec_process(&["sh", "-c", look]))
+        .await;
+    assert_eq!(status.exit_status, 0, "{err}");
+    let sandbox_ns = theirs.lines().next().unwrap_or_default().to_string();
+    assert!(
+        sandbox_ns.starts_with("pid:[") && sandbox_ns != own_pidns(),
+        "{theirs}"
+    );
+
+    // pid = POD: the member's PID entry names its sandbox container.
+    let member = |rootfs: &std::path::Path, pid: serde_json::Value| {
+        let mut s = spec(rootfs, &["sleep", "100000"]);
+        s["linux"]["namespaces"] = json!([
+            pid, {"type": "mount"},
+            {"type": "network", "path": pod},
+            {"type": "ipc", "path": pod},
+            {"type": "uts", "path": pod},
+        ]);
+        s
+    };
+    let shared = member(&agent.rootfs("app"), json!({"type": "pid", "path": pod}));
+    agent.run("app", &shared).await;
+    // Its init and its execs are in the sandbox's PID namespace, and see
+    // the sandbox's init as pid 1.
+    let (ours, err, status) = agent
+        .exec_to_end("app", "look", &exec_process(&["sh", "-c", look]))
+        .await;
+    assert_eq!(status.exit_status, 0, "{err}");
+    assert_eq!(ours.lines().next(), Some(sandbox_ns.as_str()), "{ours}");
+    assert!(
+        ours.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["1", "sleep", "424242"]),
+        "the member does not see the sandbox's init as pid 1:\n{ours}"
+    );
+    assert!(ours.contains("sleep 100000"), "{ours}");
+    // The sandbox sees the member too.
+    let (theirs, err, status) = agent
+        .exec_to_end("sbx", "look2", &exec_process(&["sh", "-c", look]))
+        .await;
+    assert_eq!(status.exit_status, 0, "{err}");
+    assert!(theirs.contains("sleep 100000"), "{theirs}");
+
+    // Every thread of the agent still clones into its own PID namespace.
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", agent.pid())).unwrap();
+    for task in tasks.flatten() {
+        let ns = std::fs::read_link(task.path().join("ns/pid_for_children")).unwrap();
+        assert_eq!(
+            ns.to_string_lossy(),
+            own_pidns(),
+            "agent thread {:?} was left in another PID namespace",
+            task.file_name()
+        );
+    }
+
+    // pid = CONTAINER: a PID namespace of its own, where the sandbox's
+    // processes are not seen.
+    let own = member(&agent.rootfs("solo"), json!({"type": "pid"}));
+    agent.run("solo", &own).await;
+    let (solo, err, status) = agent
+        .exec_to_end("solo", "look", &exec_process(&["sh", "-c", look]))
+        .await;
+    assert_eq!(status.exit_status, 0, "{err}");
+    assert_ne!(solo.lines().next(), Some(sandbox_ns.as_str()), "{solo}");
+    assert!(!solo.contains("424242"), "{solo}");
+
+    for id in ["solo", "app", "sbx"] {
+        agent.remove(id).await.unwrap();
+    }
     agent.stop();
 }

@@ -14,8 +14,9 @@
 //!   them read-only on the host side, not only in the guest.
 //! - Namespace paths name host namespaces, which the guest cannot join; they
 //!   are dropped (the container gets fresh namespaces in the guest), except
-//!   for a pod member (`pod::membership`): its network, IPC and UTS paths
-//!   (CRI points them at the sandbox container's pid) become
+//!   for a pod member (`pod::membership`): its network, IPC and UTS paths,
+//!   and its PID path (CRI sets one when `NamespaceOption.pid` is `POD`),
+//!   all pointing at the sandbox container's pid, become
 //!   `husk_protocol::CONTAINER_NS_PREFIX` + the sandbox id, and the agent
 //!   joins the namespaces of the sandbox container's init in the guest.
 //! - Hooks run on the host and are not sent to the guest.
@@ -196,7 +197,10 @@ pub fn guest_spec(
                 }
                 let shared_by_pod = matches!(
                     ns.typ(),
-                    LinuxNamespaceType::Network | LinuxNamespaceType::Ipc | LinuxNamespaceType::Uts
+                    LinuxNamespaceType::Network
+                        | LinuxNamespaceType::Ipc
+                        | LinuxNamespaceType::Uts
+                        | LinuxNamespaceType::Pid
                 );
                 match &pod {
                     Some(sandbox) if shared_by_pod => {
@@ -391,7 +395,53 @@ mod tests {
             .map(|n| n.path().as_ref().map(|p| p.to_string_lossy().into_owned()))
             .collect();
         let pod = Some("/run/husk/containers/pod1".to_string());
-        assert_eq!(paths, [None, pod.clone(), pod.clone(), pod, None]);
+        assert_eq!(
+            paths,
+            [pod.clone(), pod.clone(), pod.clone(), pod, None],
+            "pid (NamespaceOption.pid = POD), network, IPC and UTS are the sandbox's"
+        );
+
+        // pid = CONTAINER: CRI gives the member a PID namespace of its own
+        // (no path), and so does the guest.
+        let own_pid = member.replace(
+            r#"{"type": "pid", "path": "/proc/42/ns/pid"}"#,
+            r#"{"type": "pid"}"#,
+        );
+        let g = guest_spec(
+            &spec(&own_pid),
+            "c2",
+            Path::new("/b"),
+            Path::new("/b/rootfs"),
+        )
+        .unwrap();
+        let nss = g
+            .spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .clone()
+            .unwrap();
+        assert_eq!(nss[0].typ(), LinuxNamespaceType::Pid);
+        assert!(nss[0].path().is_none());
+    }
+
+    #[test]
+    fn a_pid_path_outside_a_pod_is_dropped() {
+        let s = S.replace(
+            r#"{"type": "pid"}"#,
+            r#"{"type": "pid", "path": "/proc/42/ns/pid"}"#,
+        );
+        let g = guest_spec(&spec(&s), "c1", Path::new("/b"), Path::new("/b/rootfs")).unwrap();
+        let nss = g
+            .spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .clone()
+            .unwrap();
+        assert!(nss.iter().all(|n| n.path().is_none()), "{nss:?}");
     }
 
     fn with_bind(source: &str, options: &[&str]) -> Spec {

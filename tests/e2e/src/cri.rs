@@ -417,7 +417,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             .unwrap_or_default()
     }
 
-    /// A container of busybox running `args`, logging to `<name>.log`.
+    /// A container of busybox running `args`, logging to `<name>.log`,
+    /// with the namespace options kubelet gives every container of a pod
+    /// without `shareProcessNamespace`: the pod's network and IPC, a PID
+    /// namespace of its own. (CRI's default, an unset option, is `POD`.)
     pub fn container_config(name: &str, args: &[&str]) -> cri::ContainerConfig {
         cri::ContainerConfig {
             metadata: Some(cri::ContainerMetadata {
@@ -430,7 +433,18 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             }),
             args: args.iter().map(|s| s.to_string()).collect(),
             log_path: format!("{name}.log"),
-            linux: Some(cri::LinuxContainerConfig::default()),
+            linux: Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Pod as i32,
+                        pid: cri::NamespaceMode::Container as i32,
+                        ipc: cri::NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }

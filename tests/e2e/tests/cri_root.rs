@@ -110,11 +110,8 @@ fn cri_pod_runs_execs_logs_and_leaves_nothing() {
             ..Default::default()
         },
     ];
-    cc.linux = Some(api::LinuxContainerConfig {
-        resources: Some(api::LinuxContainerResources {
-            memory_limit_in_bytes: 96 << 20,
-            ..Default::default()
-        }),
+    cc.linux.as_mut().unwrap().resources = Some(api::LinuxContainerResources {
+        memory_limit_in_bytes: 96 << 20,
         ..Default::default()
     });
     let app = c.run_container(&pod, &pc, cc);
@@ -445,11 +442,8 @@ fn cri_memory_limit_exceeded_is_oom_killed() {
     let pc = c.pod_config("oom");
     let pod = c.run_pod(&pc);
     let mut cc = Cri::container_config("hog", &["tail", "/dev/zero"]);
-    cc.linux = Some(api::LinuxContainerConfig {
-        resources: Some(api::LinuxContainerResources {
-            memory_limit_in_bytes: 32 << 20,
-            ..Default::default()
-        }),
+    cc.linux.as_mut().unwrap().resources = Some(api::LinuxContainerResources {
+        memory_limit_in_bytes: 32 << 20,
         ..Default::default()
     });
     let hog = c.run_container(&pod, &pc, cc);
@@ -530,9 +524,10 @@ fn cri_ctr_run_cannot_join_a_pod_vm() {
     c.assert_no_leaks();
 }
 
-/// CRI's `NamespaceOption.pid = POD`: the pod's containers share one PID
-/// namespace in the guest (the sandbox's), so one sees the other's
-/// processes.
+/// CRI's `NamespaceOption.pid = POD` (kubelet's `shareProcessNamespace`):
+/// the pod's containers share one PID namespace in the guest, the sandbox
+/// container's, whose process is pid 1 there, so one sees the other's
+/// processes; a member with `CONTAINER` in the same pod keeps its own.
 #[test]
 fn cri_pod_pid_namespace_is_shared_when_asked() {
     let _leaks = LeakGuard::new();
@@ -554,20 +549,47 @@ fn cri_pod_pid_namespace_is_shared_when_asked() {
     let pod = c.run_pod(&pc);
     let member = |name: &str, args: &[&str]| {
         let mut cc = Cri::container_config(name, args);
-        let mut sc = api::LinuxContainerSecurityContext::default();
+        let sc = cc
+            .linux
+            .as_mut()
+            .unwrap()
+            .security_context
+            .as_mut()
+            .unwrap();
         pod_pid(&mut sc.namespace_options);
-        cc.linux.as_mut().unwrap().security_context = Some(sc);
         cc
     };
     let a = c.run_container(&pod, &pc, member("a", &["sleep", "424242"]));
     let b = c.run_container(&pod, &pc, member("b", &["sleep", "100000"]));
+    // Kubelet's default in the same pod: a PID namespace of its own.
+    let solo = c.run_container(
+        &pod,
+        &pc,
+        Cri::container_config("solo", &["sleep", "300000"]),
+    );
     c.wait_state(&a, api::ContainerState::ContainerRunning);
     c.wait_state(&b, api::ContainerState::ContainerRunning);
-    let ps = c.exec_ok(&b, &["ps", "-o", "args"]);
+    c.wait_state(&solo, api::ContainerState::ContainerRunning);
+    let ps = c.exec_ok(&b, &["ps", "-o", "pid,args"]);
     assert!(
         ps.contains("sleep 424242"),
         "container b does not see container a's process in the pod's PID namespace:\n{ps}"
     );
+    // The sandbox (pause) container's process is pid 1 there, as in a
+    // Kubernetes pod with shareProcessNamespace.
+    assert!(
+        ps.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["1", "/bin/sleep", "2000000000"]),
+        "the pod's sandbox process is not pid 1 of the shared PID namespace:\n{ps}"
+    );
+    let ns = |id: &str| c.exec_ok(id, &["readlink", "/proc/self/ns/pid"]);
+    assert_eq!(ns(&a), ns(&b), "a and b are in different PID namespaces");
+    let alone = c.exec_ok(&solo, &["ps", "-o", "args"]);
+    assert!(
+        !alone.contains("424242") && !alone.contains("2000000000"),
+        "a container with pid = CONTAINER sees the pod's processes:\n{alone}"
+    );
+    assert_ne!(ns(&solo), ns(&a));
     c.stop_remove_pod(&pod);
     c.assert_no_leaks();
 }

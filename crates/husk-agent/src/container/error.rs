@@ -106,7 +106,7 @@ pub enum ContainerError {
     JoinTarget {
         /// Container id.
         id: String,
-        /// The namespace type (`net`, `ipc`, `uts`).
+        /// The namespace type (`net`, `ipc`, `uts`, `pid`).
         name: &'static str,
         /// The container whose namespace it joins.
         target: String,

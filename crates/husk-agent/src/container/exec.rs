@@ -61,6 +61,7 @@ impl Containers {
             kind: StageKind::Exec,
             terminal: config.process.terminal,
             namespaces: nix::sched::CloneFlags::empty(),
+            pid_namespace: None,
             hold: None,
         };
         // The exec'd process becomes our child before we learn its pid.

@@ -13,7 +13,7 @@
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 
 use nix::sched::CloneFlags;
@@ -83,6 +83,10 @@ pub(super) struct StageLaunch<'a> {
     /// The namespaces the stage is cloned into (none for an exec: the
     /// exec stage joins the init's).
     pub(super) namespaces: CloneFlags,
+    /// A PID namespace to clone the stage into instead (a pod member's
+    /// init joining its sandbox container's; `namespaces` then lacks
+    /// `CLONE_NEWPID`).
+    pub(super) pid_namespace: Option<BorrowedFd<'a>>,
     /// Hold the clone before it execs the stage, until it is placed; `None`
     /// execs at once.
     pub(super) hold: Option<Hold<'a>>,
@@ -259,6 +263,7 @@ impl Containers {
         }
         let request = CloneExec {
             namespaces: launch.namespaces,
+            pid_namespace: launch.pid_namespace,
             program: &self.options.agent_exe,
             argv: &argv,
             fds,

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
 use tracing::Instrument;
 
@@ -102,7 +103,23 @@ impl Containers {
         for note in notes.iter().chain(&ignored) {
             tracing::warn!(container = id, "{note}");
         }
-        config.joins = self.resolve_joins(id, &joins)?;
+        let (pid_join, joins): (Vec<_>, Vec<_>) = self
+            .resolve_joins(id, &joins)?
+            .into_iter()
+            .partition(|j| j.nstype == nix::sched::CloneFlags::CLONE_NEWPID.bits());
+        config.joins = joins;
+        // A PID namespace is entered by being cloned into it: the agent
+        // holds it open from here to the clone.
+        let pid_namespace = pid_join
+            .first()
+            .map(|join| {
+                std::fs::File::open(&join.path).map_err(|source| ContainerError::Io {
+                    id: id.to_string(),
+                    what: "opening the pod's PID namespace",
+                    source,
+                })
+            })
+            .transpose()?;
         config.loopback = namespaces.contains(nix::sched::CloneFlags::CLONE_NEWNET);
         let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
         drop(in_spec);
@@ -114,7 +131,14 @@ impl Containers {
         let cgroup = tracing::debug_span!(target: "husk_timing", "guest_cgroup")
             .in_scope(|| self.create_cgroup(id, resources, device_nodes))?;
         let spawned = self
-            .spawn_init(id, &config, namespaces, cgroup.as_ref(), id_maps.as_ref())
+            .spawn_init(
+                id,
+                &config,
+                namespaces,
+                pid_namespace.as_ref().map(|f| f.as_fd()),
+                cgroup.as_ref(),
+                id_maps.as_ref(),
+            )
             .instrument(tracing::debug_span!(target: "husk_timing", "guest_init_ready"))
             .await;
         let (process, control) = match spawned {
@@ -295,6 +319,7 @@ impl Containers {
         id: &str,
         config: &InitConfig,
         namespaces: nix::sched::CloneFlags,
+        pid_namespace: Option<BorrowedFd<'_>>,
         cgroup: Option<&Cgroup>,
         id_maps: Option<&(String, String)>,
     ) -> Result<(Process, StageControl), ContainerError> {
@@ -302,6 +327,7 @@ impl Containers {
             kind: StageKind::Init,
             terminal: config.process.terminal,
             namespaces,
+            pid_namespace,
             hold: Some(Hold { cgroup, id_maps }),
         };
         let Launched {

@@ -436,7 +436,7 @@ fn translate_mount(mount: &oci_spec::runtime::Mount) -> Result<MountEntry, SpecE
 pub struct NamespaceJoin {
     /// The container whose init's namespace is joined.
     pub container: String,
-    /// Its name under `/proc/<pid>/ns/` (`net`, `ipc`, `uts`).
+    /// Its name under `/proc/<pid>/ns/` (`net`, `ipc`, `uts`, `pid`).
     pub name: &'static str,
     /// Its `CLONE_NEW*` flag.
     pub flag: CloneFlags,
@@ -465,11 +465,15 @@ pub struct JoinConfig {
 /// namespace is created by the init itself once it is in its cgroup (see
 /// `InitConfig::cgroup_namespace`), so it is not among these flags.
 ///
-/// A network, IPC or UTS entry whose path is
+/// A network, IPC, UTS or PID entry whose path is
 /// `husk_protocol::CONTAINER_NS_PREFIX` + a container id joins that
-/// container's (a pod member joining its sandbox container's). Any other
-/// path names a host namespace, which the guest cannot join: the container
-/// gets a new one, with a note.
+/// container's (a pod member joining its sandbox container's; PID when
+/// CRI's `NamespaceOption.pid` is `POD`). The network, IPC and UTS
+/// namespaces are joined by the init stage itself (`InitConfig::joins`);
+/// a PID namespace can only be entered by a new process, so the agent
+/// clones the init into it (`CloneExec::pid_namespace`). Any other path
+/// names a host namespace, which the guest cannot join: the container gets
+/// a new one, with a note.
 pub fn clone_flags(spec: &Spec) -> (CloneFlags, Vec<NamespaceJoin>, Vec<String>) {
     let mut flags = CloneFlags::CLONE_NEWNS;
     let mut joins = Vec::new();
@@ -486,6 +490,7 @@ pub fn clone_flags(spec: &Spec) -> (CloneFlags, Vec<NamespaceJoin>, Vec<String>)
             LinuxNamespaceType::Network => Some(("net", CloneFlags::CLONE_NEWNET)),
             LinuxNamespaceType::Ipc => Some(("ipc", CloneFlags::CLONE_NEWIPC)),
             LinuxNamespaceType::Uts => Some(("uts", CloneFlags::CLONE_NEWUTS)),
+            LinuxNamespaceType::Pid => Some(("pid", CloneFlags::CLONE_NEWPID)),
             _ => None,
         };
         if let Some(path) = ns.path() {
@@ -736,7 +741,7 @@ mod tests {
                 + if t.is_empty() { "" } else { t }
         };
         s["linux"]["namespaces"] = serde_json::json!([
-            {"type": "mount"}, {"type": "pid"},
+            {"type": "mount"}, {"type": "pid", "path": pod("")},
             {"type": "network", "path": pod("")},
             {"type": "ipc", "path": pod("")},
             {"type": "uts", "path": pod("")},
@@ -744,10 +749,7 @@ mod tests {
             {"type": "user", "path": pod("")},
         ]);
         let (flags, joins, notes) = clone_flags(&spec_of(s));
-        assert_eq!(
-            flags,
-            CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUSER
-        );
+        assert_eq!(flags, CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUSER);
         let joined: Vec<_> = joins
             .iter()
             .map(|j| (j.container.as_str(), j.name, j.flag))
@@ -755,12 +757,33 @@ mod tests {
         assert_eq!(
             joined,
             [
+                ("pod1", "pid", CloneFlags::CLONE_NEWPID),
                 ("pod1", "net", CloneFlags::CLONE_NEWNET),
                 ("pod1", "ipc", CloneFlags::CLONE_NEWIPC),
                 ("pod1", "uts", CloneFlags::CLONE_NEWUTS),
             ]
         );
         assert_eq!(notes.len(), 2, "{notes:?}");
+
+        // NamespaceOption.pid = CONTAINER: a PID namespace of its own; a
+        // host path (not a container of the sandbox) gets a new one too.
+        let mut s = runc_spec();
+        s["linux"]["namespaces"] = serde_json::json!([
+            {"type": "mount"}, {"type": "pid"},
+            {"type": "network", "path": pod("")},
+        ]);
+        let (flags, joins, notes) = clone_flags(&spec_of(s));
+        assert_eq!(flags, CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID);
+        assert_eq!(joins.len(), 1);
+        assert!(notes.is_empty(), "{notes:?}");
+        let mut s = runc_spec();
+        s["linux"]["namespaces"] = serde_json::json!([
+            {"type": "mount"}, {"type": "pid", "path": "/proc/42/ns/pid"},
+        ]);
+        let (flags, joins, notes) = clone_flags(&spec_of(s));
+        assert_eq!(flags, CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID);
+        assert!(joins.is_empty());
+        assert_eq!(notes.len(), 1, "{notes:?}");
 
         // A namespace the spec leaves out is the guest's.
         let mut s = runc_spec();

@@ -20,7 +20,7 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
-use nix::sched::CloneFlags;
+use nix::sched::{setns, CloneFlags};
 use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
 use nix::unistd::Pid;
 
@@ -34,6 +34,11 @@ const FIRST_STAGING_FD: RawFd = 16;
 pub struct CloneExec<'a> {
     /// Namespaces to create (`CLONE_NEW*`); SIGCHLD is added here.
     pub namespaces: CloneFlags,
+    /// A PID namespace to clone the child into (without `CLONE_NEWPID` in
+    /// `namespaces`): the cloning thread enters it for the clone (a PID
+    /// namespace's `setns` affects only the caller's later children) and
+    /// returns to its own right after.
+    pub pid_namespace: Option<BorrowedFd<'a>>,
     /// Absolute path of the program to exec.
     pub program: &'a CStr,
     /// Its argv (argv[0] included).
@@ -78,6 +83,18 @@ pub fn clone_exec(req: &CloneExec<'_>) -> io::Result<Pid> {
         become_userns_root: req.become_userns_root,
     };
     let flags = req.namespaces.bits() as libc::c_ulong;
+    // This thread's PID namespace for children, to return to; opened
+    // before entering the other one, so that a failure leaves nothing
+    // changed.
+    let own_pid_namespace = match req.pid_namespace {
+        Some(_) => Some(std::fs::File::open(
+            "/proc/thread-self/ns/pid_for_children",
+        )?),
+        None => None,
+    };
+    if let Some(ns) = req.pid_namespace {
+        setns(ns, CloneFlags::CLONE_NEWPID)?;
+    }
 
     // Block every signal across the clone so that no handler of the agent
     // (tokio's) runs in the child; the init stage unblocks them.
@@ -105,6 +122,14 @@ pub fn clone_exec(req: &CloneExec<'_>) -> io::Result<Pid> {
         Ok(Forked::Parent(pid)) => Ok(pid),
         Err(e) => Err(e),
     };
+    if let Some(own) = &own_pid_namespace {
+        // Entering the namespace the thread was in cannot be refused (it
+        // is this thread's own, or its active one); should it fail, later
+        // processes cloned on this thread would land in the pod's.
+        if let Err(e) = setns(own, CloneFlags::CLONE_NEWPID) {
+            tracing::error!("returning the agent thread to its own PID namespace failed: {e}");
+        }
+    }
     let restored = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&saved), None);
     drop(staged);
     let pid = cloned?;
