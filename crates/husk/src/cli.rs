@@ -230,7 +230,9 @@ pub struct ExecArgs {
 #[command(
     after_help = "PIDs are the guest's: each container runs in its own VM, so its \
 processes have no host pids. The host process standing for the container is the \
-sandbox monitor (`husk state` shows its pid)."
+sandbox monitor (`husk state` shows its pid). `--format json` (runc's list of host \
+pids, which the runc shim and `docker top` look up on the host) is refused with an \
+error for that reason."
 )]
 pub struct PsArgs {
     #[arg(short, long, value_enum, default_value = "table")]

@@ -154,7 +154,13 @@ fn measure(
             ),
         ]);
         // It ends when the listener closes the connection.
-        let _ = husk_e2e::run_timeout(c, Duration::from_secs(300));
+        let o = husk_e2e::run_timeout(c, Duration::from_secs(300));
+        if !rx.is_finished() {
+            panic!(
+                "the sender ended before the listener had {MIB} MiB: {}",
+                husk_e2e::stderr(&o)
+            );
+        }
         rx.join().unwrap()
     });
     ok(p, runtime, &["rm", "--force", "--time", "0", &id]);
@@ -188,8 +194,15 @@ fn main() {
         ],
     );
     drop(warm);
+    let bridge = ns
+        .sh("ip -o link show type bridge")
+        .lines()
+        .next()
+        .and_then(|l| l.split(": ").nth(1))
+        .expect("podman's bridge in the bench's namespace")
+        .to_string();
     let bridge_ip = ns
-        .sh("ip -o -4 addr show type bridge")
+        .sh(&format!("ip -o -4 addr show dev {bridge}"))
         .split_whitespace()
         .skip_while(|w| *w != "inet")
         .nth(1)

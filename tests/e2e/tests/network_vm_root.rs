@@ -285,3 +285,108 @@ fn vm_delete_after_the_monitor_was_killed_removes_the_network() {
     });
     env.assert_no_leaks();
 }
+
+// ---- containerd without CRI: `ctr run --cni`
+
+/// A CNI bridge config for `ctr run --cni` when the host has none (ctr
+/// 1.6 reads the first config in /etc/cni/net.d and has no flag for
+/// another directory); removed on drop. With one present (podman writes
+/// `87-podman-bridge.conflist`), ctr uses it and this does nothing.
+struct CniConf(Option<std::path::PathBuf>);
+
+impl CniConf {
+    fn ensure() -> CniConf {
+        let dir = std::path::Path::new("/etc/cni/net.d");
+        let has_one = std::fs::read_dir(dir).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.ends_with(".conf") || n.ends_with(".conflist")
+            })
+        });
+        if has_one {
+            return CniConf(None);
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let f = dir.join("99-husk-e2e.conflist");
+        std::fs::write(
+            &f,
+            r#"{"cniVersion":"0.4.0","name":"husk-e2e","plugins":[{"type":"bridge","bridge":"husk-e2e0","isGateway":true,"ipMasq":false,"ipam":{"type":"host-local","ranges":[[{"subnet":"10.89.0.0/24"}]],"routes":[{"dst":"0.0.0.0/0"}]}}]}"#,
+        )
+        .unwrap();
+        CniConf(Some(f))
+    }
+}
+
+impl Drop for CniConf {
+    fn drop(&mut self) {
+        if let Some(f) = &self.0 {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// Waits until `echo | nc addr 8080` from the namespace prints `needle`.
+fn served_text(ns: &TestNetns, addr: &str, needle: &str) {
+    wait_until(T, &format!("{needle} from {addr}:8080"), || {
+        let o = ns.try_sh(&format!("echo | busybox nc -w 5 {addr} 8080"));
+        String::from_utf8_lossy(&o.stdout).contains(needle)
+    });
+}
+
+/// `ctr run --cni` (ctr runs the CNI plugins in its own network
+/// namespace, the test's, so the bridge is made there): the task gets an
+/// address in the CNI range and serves the test's namespace from its VM.
+#[test]
+fn vm_ctr_run_cni_gives_the_task_an_address_reachable_from_the_namespace() {
+    use husk_e2e::containerd::{Containerd, IMAGE as CTR_IMAGE, RUNTIME};
+    let _leaks = LeakGuard::new();
+    let _conf = CniConf::ensure();
+    let ns = TestNetns::new("ctrcni");
+    let c = Containerd::start("cni");
+    c.note_socket("cni1");
+    let mut run = ns.command("ctr");
+    run.arg("--address")
+        .arg(c.socket())
+        .args(["-n", "default", "run", "--runtime", RUNTIME, "--fifo-dir"])
+        .arg(c.dir.path().join("fifo"))
+        .args([
+            "--rm",
+            "--cni",
+            CTR_IMAGE,
+            "cni1",
+            "sh",
+            "-c",
+            "ip -o -4 addr show eth0; nc -l -p 8080 -e echo from-ctr-cni",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = run.spawn().unwrap();
+    // The task's address, as CNI's host-local IPAM recorded it (a file
+    // named by the address, holding the container's id).
+    let addr = wait_until(T, "the task's address from CNI's IPAM", || {
+        std::fs::read_dir("/var/lib/cni/networks")
+            .ok()?
+            .flatten()
+            .flat_map(|net| {
+                std::fs::read_dir(net.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .find(|f| std::fs::read_to_string(f.path()).is_ok_and(|s| s.contains("cni1")))
+            .map(|f| f.file_name().to_string_lossy().into_owned())
+    });
+    served_text(&ns, &addr, "from-ctr-cni");
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("inet {addr}/")),
+        "eth0 in the guest: {text}"
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.assert_no_leaks();
+}

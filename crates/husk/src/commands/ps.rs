@@ -10,10 +10,18 @@ pub fn ps(g: &GlobalOpts, a: PsArgs) -> anyhow::Result<u8> {
         anyhow::bail!("the monitor of {} answered Ps with something else", a.id);
     };
     match a.format {
-        // runc's json form: the pids.
+        // runc's json form is a list of host pids, which its callers (the
+        // runc shim for `ctr task ps`, `docker top`) look up on the host.
+        // The container's processes live in the VM: their pids are the
+        // guest's and would name unrelated host processes.
         Format::Json => {
-            let pids: Vec<i32> = list.iter().map(|p| p.pid).collect();
-            outln!("{}", serde_json::to_string(&pids)?);
+            anyhow::bail!(
+                "{}'s {} processes run in its VM: their pids are the guest's and name nothing on the host, so there is no host pid list to give; list them with `husk ps {}` (the guest's view) or `docker exec {} ps`",
+                a.id,
+                list.len(),
+                a.id,
+                a.id
+            );
         }
         Format::Table => {
             outln!("{:>8} {:>8} {:>6} {:<4} CMD", "PID", "PPID", "UID", "STAT");
