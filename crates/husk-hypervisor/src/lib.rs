@@ -19,7 +19,7 @@ use async_trait::async_trait;
 
 pub use accel::{Accel, AccelMode, HostProbe, SystemProbe};
 pub use process::log_tail;
-pub use spec::{Nic, SharedFs, VmSpec};
+pub use spec::{Netns, Nic, SharedFs, VmSpec};
 pub use uid::{UidError, UidLease, UidPool};
 
 /// Errors of launching, driving and stopping a VM.

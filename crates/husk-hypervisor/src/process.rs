@@ -39,6 +39,9 @@ pub(crate) struct Confine {
     /// Descriptors the child gets, each at the given number (3 and up,
     /// below [`FD_SCRATCH`]). They are closed here once the child runs.
     pub fds: Vec<(OwnedFd, RawFd)>,
+    /// A network namespace (a descriptor of it, open until the child runs)
+    /// the child enters before it drops privileges.
+    pub netns: Option<RawFd>,
 }
 
 /// Spawns `cmd` with stderr (and stdout) appended to `log`, on the host CPUs
@@ -103,10 +106,11 @@ pub(crate) fn spawn(
     } else {
         1024
     };
+    let netns = confine.netns;
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls (close_range, fcntl, dup2, setgroups,
-    // setgid, setuid, prctl, getppid, sched_setaffinity) on data prepared
+    // setns, setgid, setuid, prctl, getppid, sched_setaffinity) on data prepared
     // before the fork (fixed-size arrays, a Vec not resized in the child),
     // allocating nothing and touching no shared state.
     unsafe {
@@ -137,7 +141,13 @@ pub(crate) fn spawn(
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            // 3. The unprivileged user: groups, gid, then uid (which clears
+            // 3. Its network namespace, while still root.
+            if let Some(fd) = netns {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // 4. The unprivileged user: groups, gid, then uid (which clears
             // every capability of a process that was root).
             if let Some((uid, gid, _)) = user {
                 if libc::setgroups(groups.len(), groups.as_ptr()) != 0
@@ -150,7 +160,7 @@ pub(crate) fn spawn(
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // 4. Die with husk. Set after the uid change, which clears it;
+            // 5. Die with husk. Set after the uid change, which clears it;
             // husk may have died before it was set.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
@@ -221,6 +231,7 @@ mod tests {
         let confine = Confine {
             user: None,
             fds: vec![(passed, 7)],
+            netns: None,
         };
         let mut child = spawn("sh", cmd, &log, None, confine).unwrap();
         child.wait().await.unwrap();

@@ -57,6 +57,17 @@ impl Nic {
     }
 }
 
+/// A host network namespace, by a descriptor of it.
+#[derive(Debug, Clone)]
+pub struct Netns(pub Arc<OwnedFd>);
+
+impl PartialEq for Netns {
+    fn eq(&self, other: &Netns) -> bool {
+        self.0.as_raw_fd() == other.0.as_raw_fd()
+    }
+}
+impl Eq for Netns {}
+
 /// One sandbox VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSpec {
@@ -95,4 +106,8 @@ pub struct VmSpec {
     pub host_cpus: Option<Vec<usize>>,
     /// The VM's NICs, in order (`-netdev tap,id=net<n>`).
     pub nics: Vec<Nic>,
+    /// The host network namespace QEMU runs in; `None`: husk's. Its pid is
+    /// the one the shim reports, so whatever configures `/proc/PID/ns/net`
+    /// (ctr's CNI) configures this one.
+    pub netns: Option<Netns>,
 }

@@ -60,6 +60,7 @@ pub async fn start(
     let confine = process::Confine {
         user: None,
         fds: vec![(listener, LISTEN_FD)],
+        netns: None,
     };
     process::spawn("virtiofsd", cmd, log, cpus, confine)
 }

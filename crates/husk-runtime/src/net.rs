@@ -178,6 +178,9 @@ pub struct Record {
 #[derive(Debug)]
 pub struct HostNetwork {
     netns: PathBuf,
+    /// The namespace itself when husk made it ([`new_netns`]), held so that
+    /// `netns` (a `/proc/<pid>/fd/<n>` path to it) stays valid.
+    held: Option<Arc<OwnedFd>>,
     taps: Vec<Tap>,
     record_file: Option<PathBuf>,
     detached: bool,
@@ -191,12 +194,29 @@ impl HostNetwork {
     pub fn attach(netns: &Path, spare: bool) -> Result<(HostNetwork, GuestNetwork), NetError> {
         let mut net = HostNetwork {
             netns: netns.to_path_buf(),
+            held: None,
             taps: Vec::new(),
             record_file: None,
             detached: false,
         };
         let guest = net.join_new(spare)?;
         Ok((net, guest))
+    }
+
+    /// As [`HostNetwork::attach`], on a namespace husk made ([`new_netns`])
+    /// that starts empty: one spare NIC, joined at start to what was put
+    /// there meanwhile (ctr's CNI configures the namespace of the task's
+    /// pid, QEMU's, after create).
+    pub fn attach_new(netns: Arc<OwnedFd>) -> Result<HostNetwork, NetError> {
+        use std::os::fd::AsRawFd;
+        let path = PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            netns.as_raw_fd()
+        ));
+        let (mut net, _) = HostNetwork::attach(&path, true)?;
+        net.held = Some(netns);
+        Ok(net)
     }
 
     /// Records what this changed in `dir/NET_FILE`, now and after every
@@ -750,6 +770,27 @@ pub fn fmt_mac(m: &[u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// A new host network namespace, by a descriptor (made on a thread of its
+/// own, which ends; the namespace lives as long as a descriptor or a
+/// process in it).
+pub fn new_netns() -> Result<OwnedFd, NetError> {
+    std::thread::Builder::new()
+        .name("husk-new-netns".into())
+        .spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| NetError::Netns {
+                path: PathBuf::from("(a new network namespace)"),
+                source: e.into(),
+            })?;
+            let f = File::open("/proc/thread-self/ns/net").map_err(|source| NetError::Netns {
+                path: PathBuf::from("/proc/thread-self/ns/net"),
+                source,
+            })?;
+            Ok(OwnedFd::from(f))
+        })?
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the network thread panicked").into()))
 }
 
 static OWN_NETNS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();

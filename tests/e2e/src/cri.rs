@@ -46,6 +46,9 @@ pub struct Cri {
     pub cgroup_parent: String,
     /// `HUSK_SHIM_ROOT`: the pods' state dirs.
     pub shim_root: PathBuf,
+    /// The CNI network's name, this instance's own, so libcni's cache
+    /// entries (`<network>-<container>-<ifname>`) of parallel tests differ.
+    pub cni_network: String,
     child: Option<Child>,
     rt: tokio::runtime::Runtime,
     channel: Channel,
@@ -152,11 +155,18 @@ impl Cri {
             ),
         )
         .unwrap();
+        let cni_network = format!(
+            "husk-cri-{}",
+            d.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .replace("husk-test-", "")
+        );
         std::fs::write(
             d.join("cni/10-husk-cri.conflist"),
             serde_json::json!({
                 "cniVersion": "0.4.0",
-                "name": "husk-cri",
+                "name": cni_network,
                 "plugins": [{
                     "type": "bridge",
                     "bridge": BRIDGE,
@@ -247,6 +257,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             netns,
             cgroup_parent,
             shim_root,
+            cni_network,
             child: None,
             rt,
             channel,
@@ -709,8 +720,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             .flatten()
             .map(|e| e.path())
             .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("husk-cri-"))
+                p.file_name().is_some_and(|n| {
+                    n.to_string_lossy()
+                        .starts_with(&format!("{}-", self.cni_network))
+                })
             })
             .collect();
         assert!(cached.is_empty(), "CNI results left: {cached:?}");

@@ -360,10 +360,10 @@ fn vm_ctr_run_cni_gives_the_task_an_address_reachable_from_the_namespace() {
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let child = run.spawn().unwrap();
+    let mut child = run.spawn().unwrap();
     // The task's address, as CNI's host-local IPAM recorded it (a file
     // named by the address, holding the container's id).
-    let addr = wait_until(T, "the task's address from CNI's IPAM", || {
+    let addr = try_wait_until(T, || {
         std::fs::read_dir("/var/lib/cni/networks")
             .ok()?
             .flatten()
@@ -376,6 +376,15 @@ fn vm_ctr_run_cni_gives_the_task_an_address_reachable_from_the_namespace() {
             .find(|f| std::fs::read_to_string(f.path()).is_ok_and(|s| s.contains("cni1")))
             .map(|f| f.file_name().to_string_lossy().into_owned())
     });
+    let Some(addr) = addr else {
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "no address from CNI's IPAM for the task; ctr said: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
     served_text(&ns, &addr, "from-ctr-cni");
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

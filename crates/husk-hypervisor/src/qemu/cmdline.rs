@@ -209,6 +209,7 @@ mod tests {
             hypervisor_log: d.join("qemu.log"),
             host_cpus: None,
             nics: Vec::new(),
+            netns: None,
         }
     }
 

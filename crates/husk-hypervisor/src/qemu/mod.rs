@@ -3,7 +3,7 @@
 pub mod cmdline;
 pub mod qmp;
 
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::Path;
@@ -120,7 +120,11 @@ impl crate::Hypervisor for Qemu {
             cmd,
             &spec.hypervisor_log,
             spec.host_cpus.as_deref(),
-            process::Confine { user, fds },
+            process::Confine {
+                user,
+                fds,
+                netns: spec.netns.as_ref().map(|n| n.0.as_raw_fd()),
+            },
         )?;
         // virtiofsd's own start-up failure makes QEMU fail its vhost-user
         // handshake: name virtiofsd then (both write to the same log).

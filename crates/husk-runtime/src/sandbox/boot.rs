@@ -21,6 +21,7 @@ use crate::timing::TIMING;
 
 /// Boots a VM named `id` whose state lives in `dir`, and waits until its
 /// agent answers. On error everything made so far, `dir` included, is gone.
+#[allow(clippy::too_many_arguments)]
 pub async fn boot(
     cfg: &Config,
     hv: &dyn Hypervisor,
@@ -29,6 +30,7 @@ pub async fn boot(
     id: &str,
     agent_log: &str,
     nics: Vec<husk_hypervisor::Nic>,
+    netns: Option<husk_hypervisor::Netns>,
 ) -> Result<Parts, SandboxError> {
     let share = Share::create(&dir.share_staging(), &dir.share())?;
     let choice = accel::choose(cfg.hypervisor.accel, probe);
@@ -85,6 +87,7 @@ pub async fn boot(
         hypervisor_log: dir.hypervisor_log(),
         host_cpus: cfg.hypervisor.host_cpus.clone(),
         nics,
+        netns,
     };
     let mut vm: Box<dyn Vm> = hv
         .launch(&spec)
@@ -196,9 +199,26 @@ impl super::Sandbox {
                 tracing::warn!(path = %file.display(), error = %e, "cannot record the host cgroup");
             }
         }
-        let network = attach_network(owner, &dir)?;
+        let (network, vm_netns) = match host_pid {
+            // The shim reports QEMU's pid: for a spec that asks for a new
+            // network namespace without naming one, QEMU gets one of its
+            // own (never the host's) with a spare NIC.
+            super::HostPid::Vm
+                if crate::net::spec_netns(&owner.spec).is_none()
+                    && crate::net::wants_new_netns(&owner.spec) =>
+            {
+                let ns = std::sync::Arc::new(crate::net::new_netns()?);
+                let mut net = crate::net::HostNetwork::attach_new(ns.clone())?;
+                net.record_in(dir.path());
+                (
+                    Some((net, crate::net::GuestNetwork::default())),
+                    Some(husk_hypervisor::Netns(ns)),
+                )
+            }
+            _ => (attach_network(owner, &dir)?, None),
+        };
         let nics = network.as_ref().map(|(n, _)| n.nics()).unwrap_or_default();
-        let mut parts = boot(&sized, hv, probe, dir, id, agent_log, nics).await?;
+        let mut parts = boot(&sized, hv, probe, dir, id, agent_log, nics, vm_netns).await?;
         parts.host_cgroup = host_cgroup;
         if let Some((net, guest)) = network {
             parts.network = Some(net);
