@@ -241,6 +241,11 @@ fn docker_detached_exec_stats_rm() {
     let o = run_timeout(c, docker::DOCKER_TIMEOUT);
     assert_exit(&o, 0);
     assert!(stdout(&o).contains("sleep 1000"), "{}", stdout(&o));
+    // `docker top` itself: husk's clear error (the guest's pids would name
+    // unrelated host processes), not a wrong list.
+    let top = d.cmd(&["top", &id]);
+    assert!(!top.status.success(), "docker top: {}", stdout(&top));
+    assert!(stderr(&top).contains("run in its VM"), "{}", stderr(&top));
 
     // The sandbox's host cgroup: QEMU's and virtiofsd's memory, far above
     // what a bare monitor uses.
