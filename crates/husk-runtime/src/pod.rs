@@ -109,16 +109,7 @@ impl PodOrigin {
 
 /// The path of the spec's network namespace, if it names one.
 fn netns_path(spec: &Spec) -> Option<String> {
-    spec.linux()
-        .as_ref()?
-        .namespaces()
-        .as_ref()?
-        .iter()
-        .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)?
-        .path()
-        .as_ref()
-        .map(|p| p.to_string_lossy().into_owned())
-        .filter(|p| !p.is_empty())
+    crate::net::spec_netns(spec).map(|p| p.to_string_lossy().into_owned())
 }
 
 /// The id of the pod a container (`cid`, with `spec`) belongs to.
