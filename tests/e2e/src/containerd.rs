@@ -15,8 +15,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::{
-    guest_dir, processes_mentioning, repo_root, require_root, run_with_input, try_wait_until,
-    TempDir,
+    processes_mentioning, repo_root, require_root, run_with_input, try_wait_until, TempDir,
 };
 
 /// The runtime name under test.
@@ -164,7 +163,6 @@ impl Containerd {
     pub fn start(tag: &str) -> Containerd {
         require_root();
         crate::leak::require_guard();
-        let g = guest_dir();
         let shim = shim_bin();
         let dir = TempDir::new(&format!("ctrd-{tag}"));
         let d = dir.path();
@@ -172,15 +170,7 @@ impl Containerd {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
         std::os::unix::fs::symlink(&shim, d.join("bin/containerd-shim-husk-v2")).unwrap();
-        std::fs::write(
-            d.join("husk.toml"),
-            format!(
-                "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\n",
-                g.join("vmlinux").display(),
-                g.join("initrd.img").display()
-            ),
-        )
-        .unwrap();
+        crate::write_husk_config(&d.join("husk.toml"));
         let config = format!(
             r#"version = 2
 root = "{d}/root"

@@ -24,7 +24,7 @@ use k8s_cri::v1::{self as cri};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::containerd::{busybox_image, shim_bin, IMAGE};
-use crate::{guest_dir, processes_mentioning, require_root, try_wait_until, wait_until, TempDir};
+use crate::{processes_mentioning, require_root, try_wait_until, wait_until, TempDir};
 
 /// containerd's CRI namespace.
 pub const NAMESPACE: &str = "k8s.io";
@@ -124,7 +124,6 @@ impl Cri {
     pub fn start(tag: &str) -> Cri {
         require_root();
         crate::leak::require_guard();
-        let g = guest_dir();
         let shim = shim_bin();
         for (bin, pkg) in [
             ("/usr/lib/cni/bridge", "containernetworking-plugins"),
@@ -146,15 +145,7 @@ impl Cri {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
         std::os::unix::fs::symlink(&shim, d.join("bin/containerd-shim-husk-v2")).unwrap();
-        std::fs::write(
-            d.join("husk.toml"),
-            format!(
-                "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\n",
-                g.join("vmlinux").display(),
-                g.join("initrd.img").display()
-            ),
-        )
-        .unwrap();
+        crate::write_husk_config(&d.join("husk.toml"));
         let cni_network = format!(
             "husk-cri-{}",
             d.file_name()

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crate::{
-    busybox_rootfs, guest_dir, husk_bin, leak, mounts_under, processes_mentioning, require_root,
+    busybox_rootfs, husk_bin, leak, mounts_under, processes_mentioning, require_root,
     run_with_input, stderr, stdout, try_wait_until, EXIT_GRACE,
 };
 
@@ -109,7 +109,6 @@ impl Dockerd {
                 "{bin} not found: install the Debian package {pkg} (make setup)"
             );
         }
-        let g = guest_dir();
         let n = DAEMONS.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
         let base = PathBuf::from(format!("/var/tmp/hkd-{tag}-{pid}-{n}"));
@@ -131,15 +130,7 @@ impl Dockerd {
         std::fs::create_dir_all(base.join("client")).unwrap();
         std::fs::create_dir_all(&exec_root).unwrap();
         let husk_config = base.join("husk.toml");
-        std::fs::write(
-            &husk_config,
-            format!(
-                "[hypervisor]\nkernel = {:?}\ninitrd = {:?}\n",
-                g.join("vmlinux"),
-                g.join("initrd.img")
-            ),
-        )
-        .unwrap();
+        crate::write_husk_config(&husk_config);
         let daemon_json = serde_json::json!({
             "runtimes": { RUNTIME: {
                 "path": husk_bin(),

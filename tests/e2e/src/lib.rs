@@ -69,6 +69,21 @@ pub fn guest_dir() -> PathBuf {
     d
 }
 
+/// Writes a husk config at `path` that names the test guest (kernel and
+/// initrd from [`guest_dir`]): what every front end's harness hands husk.
+pub fn write_husk_config(path: &Path) {
+    let g = guest_dir();
+    std::fs::write(
+        path,
+        format!(
+            "[hypervisor]\nkernel = {:?}\ninitrd = {:?}\n",
+            g.join("vmlinux"),
+            g.join("initrd.img")
+        ),
+    )
+    .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
 /// The guest kernel's release, as built.
 pub fn guest_release() -> String {
     std::fs::read_to_string(guest_dir().join("vmlinux.release"))

@@ -26,8 +26,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::{
-    assert_exit, assert_nothing_left, busybox_rootfs, guest_dir, husk_bin, require_root,
-    run_timeout, run_with_input, stderr, TempDir, DEFAULT_STATE_ROOT,
+    assert_exit, assert_nothing_left, busybox_rootfs, husk_bin, require_root, run_timeout,
+    run_with_input, stderr, TempDir, DEFAULT_STATE_ROOT,
 };
 
 /// The image every test runs.
@@ -101,17 +101,8 @@ impl Podman {
         require_tool("conmon", "conmon");
         let dir = TempDir::new("podman");
         std::fs::write(dir.path().join("containers.conf"), CONTAINERS_CONF).unwrap();
-        let g = guest_dir();
         let husk_config = dir.path().join("husk.toml");
-        std::fs::write(
-            &husk_config,
-            format!(
-                "[hypervisor]\nkernel = {:?}\ninitrd = {:?}\n",
-                g.join("vmlinux"),
-                g.join("initrd.img")
-            ),
-        )
-        .unwrap();
+        crate::write_husk_config(&husk_config);
         let p = Podman {
             dir,
             husk_config,
