@@ -349,12 +349,10 @@ impl HostNetwork {
         }
         let mut guest = GuestNetwork::default();
         for (slot, host) in &joins {
+            // A new tap's NIC has the interface's MAC from boot (make_tap);
+            // a spare's gets it from the agent.
             let tap = &mut self.taps[*slot];
             tap.joined = Some(host.name.clone());
-            if make_taps {
-                // A new tap's NIC has the interface's MAC from boot.
-                tap.mac = host.mac.expect("filtered");
-            }
             guest.interfaces.push(GuestInterface {
                 boot_mac: fmt_mac(&tap.mac),
                 mac: fmt_mac(&host.mac.expect("filtered")),

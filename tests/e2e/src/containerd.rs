@@ -37,20 +37,8 @@ pub fn shim_bin() -> PathBuf {
     p
 }
 
-fn sh(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 fn sha256(path: &Path) -> String {
-    let out = sh(Command::new("sha256sum").arg(path));
+    let out = crate::run_ok(Command::new("sha256sum").arg(path));
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .next()
@@ -85,7 +73,7 @@ pub fn busybox_image() -> PathBuf {
             "/bin/busybox not found: install busybox-static (make setup)"
         );
         std::fs::copy(bb, rootfs.join("bin/busybox")).unwrap();
-        let list = sh(Command::new(bb).arg("--list"));
+        let list = crate::run_ok(Command::new(bb).arg("--list"));
         for name in String::from_utf8_lossy(&list.stdout).lines() {
             if name != "busybox" {
                 let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(name));
@@ -96,7 +84,7 @@ pub fn busybox_image() -> PathBuf {
         let layout = d.path().join("layout");
         std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
         let layer = d.path().join("layer.tar");
-        sh(Command::new("tar")
+        crate::run_ok(Command::new("tar")
             .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
             .arg(&rootfs)
             .arg("-cf")
@@ -133,7 +121,7 @@ pub fn busybox_image() -> PathBuf {
         });
         std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
         std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-        sh(Command::new("tar")
+        crate::run_ok(Command::new("tar")
             .arg("-C")
             .arg(&layout)
             .arg("-cf")

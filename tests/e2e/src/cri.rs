@@ -54,16 +54,9 @@ pub struct Cri {
     channel: Channel,
 }
 
+/// [`crate::run_ok`]'s stdout.
 fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8_lossy(&crate::run_ok(cmd).stdout).into_owned()
 }
 
 /// The pause image: [`busybox_image`] with an entrypoint that sleeps, as

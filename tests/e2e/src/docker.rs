@@ -70,18 +70,6 @@ pub struct Dockerd {
     ids: RefCell<Vec<String>>,
 }
 
-fn sh(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 fn sh_any(cmd: &mut Command) -> Output {
     cmd.output()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
@@ -147,8 +135,8 @@ impl Dockerd {
             ids: RefCell::new(Vec::new()),
         };
         // From here on, Drop cleans up whatever fails.
-        sh(Command::new("ip").args(["netns", "add", &d.netns]));
-        sh(Command::new("ip").args(["-n", &d.netns, "link", "set", "lo", "up"]));
+        crate::run_ok(Command::new("ip").args(["netns", "add", &d.netns]));
+        crate::run_ok(Command::new("ip").args(["-n", &d.netns, "link", "set", "lo", "up"]));
         let log = std::fs::File::create(d.base.join("dockerd.log")).unwrap();
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", d.netns))
@@ -228,12 +216,14 @@ impl Dockerd {
         let rootfs = self.base.join("image-rootfs");
         busybox_rootfs(&rootfs);
         let tar = self.base.join("image.tar");
-        sh(Command::new("tar")
-            .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(&tar)
-            .arg("."));
+        crate::run_ok(
+            Command::new("tar")
+                .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
+                .arg(&rootfs)
+                .arg("-cf")
+                .arg(&tar)
+                .arg("."),
+        );
         let o = self.cmd(&["import", &tar.to_string_lossy(), IMAGE]);
         assert!(o.status.success(), "docker import failed: {}", stderr(&o));
         let _ = std::fs::remove_dir_all(&rootfs);

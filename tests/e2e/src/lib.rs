@@ -69,6 +69,20 @@ pub fn guest_dir() -> PathBuf {
     d
 }
 
+/// Runs `cmd` to its end; fails the test unless it succeeds.
+#[track_caller]
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Writes a husk config at `path` that names the test guest (kernel and
 /// initrd from [`guest_dir`]): what every front end's harness hands husk.
 pub fn write_husk_config(path: &Path) {

@@ -199,24 +199,7 @@ impl super::Sandbox {
                 tracing::warn!(path = %file.display(), error = %e, "cannot record the host cgroup");
             }
         }
-        let (network, vm_netns) = match host_pid {
-            // The shim reports QEMU's pid: for a spec that asks for a new
-            // network namespace without naming one, QEMU gets one of its
-            // own (never the host's) with a spare NIC.
-            super::HostPid::Vm
-                if crate::net::spec_netns(&owner.spec).is_none()
-                    && crate::net::wants_new_netns(&owner.spec) =>
-            {
-                let ns = std::sync::Arc::new(crate::net::new_netns()?);
-                let mut net = crate::net::HostNetwork::attach_new(ns.clone())?;
-                net.record_in(dir.path());
-                (
-                    Some((net, crate::net::GuestNetwork::default())),
-                    Some(husk_hypervisor::Netns(ns)),
-                )
-            }
-            _ => (attach_network(owner, &dir)?, None),
-        };
+        let (network, vm_netns) = attach_network(owner, &dir, host_pid)?;
         let nics = network.as_ref().map(|(n, _)| n.nics()).unwrap_or_default();
         let mut parts = boot(&sized, hv, probe, dir, id, agent_log, nics, vm_netns).await?;
         parts.host_cgroup = host_cgroup;
@@ -233,31 +216,53 @@ impl super::Sandbox {
     }
 }
 
+/// The sandbox's network on the host and what the guest is to be told of
+/// it, and the namespace QEMU must run in (if not husk's).
+type AttachedNetwork = (
+    Option<(crate::net::HostNetwork, crate::net::GuestNetwork)>,
+    Option<husk_hypervisor::Netns>,
+);
+
 /// Carries the interfaces of the network namespace the owner's spec names
 /// into the VM (`net.rs`). A namespace that has none yet but hooks that
-/// run before start (which may add some) gets a spare NIC.
+/// run before start (which may add some) gets a spare NIC. For a spec that
+/// asks for a new namespace without naming one, the namespace is the CLI
+/// monitor's own (`net::enter_own_netns`, only hooks can fill it), or, when
+/// the shim reports QEMU's pid, a new one QEMU is started in (returned,
+/// with a spare NIC: ctr's CNI configures it after create).
 fn attach_network(
     owner: &crate::bundle::Bundle,
     dir: &SandboxDir,
-) -> Result<Option<(crate::net::HostNetwork, crate::net::GuestNetwork)>, SandboxError> {
+    host_pid: super::HostPid,
+) -> Result<AttachedNetwork, SandboxError> {
+    use crate::net::{self, HostNetwork};
     let hooks = owner.spec.hooks().clone().unwrap_or_default();
     let spare = hooks.prestart().as_ref().is_some_and(|h| !h.is_empty())
         || hooks
             .create_runtime()
             .as_ref()
             .is_some_and(|h| !h.is_empty());
-    let netns = match crate::net::spec_netns(&owner.spec) {
-        Some(p) => p,
-        // The monitor's own namespace (net::enter_own_netns) starts empty:
-        // only hooks can put interfaces there.
-        None => match crate::net::own_netns() {
-            Some(p) if spare && crate::net::wants_new_netns(&owner.spec) => p,
-            _ => return Ok(None),
+    let unnamed = net::wants_new_netns(&owner.spec);
+    let (mut net, guest, vm_netns) = match net::spec_netns(&owner.spec) {
+        Some(path) => {
+            let (n, g) = HostNetwork::attach(&path, spare)?;
+            (n, g, None)
+        }
+        None if unnamed && host_pid == super::HostPid::Vm => {
+            let ns = std::sync::Arc::new(net::new_netns()?);
+            let n = HostNetwork::attach_new(ns.clone())?;
+            (n, Default::default(), Some(husk_hypervisor::Netns(ns)))
+        }
+        None => match net::own_netns() {
+            Some(path) if spare && unnamed => {
+                let (n, g) = HostNetwork::attach(&path, true)?;
+                (n, g, None)
+            }
+            _ => return Ok((None, None)),
         },
     };
-    let (mut net, guest) = crate::net::HostNetwork::attach(&netns, spare)?;
     net.record_in(dir.path());
-    Ok(Some((net, guest)))
+    Ok((Some((net, guest)), vm_netns))
 }
 
 /// Makes the sandbox's host cgroup (`linux.cgroupsPath` of its owner, or
