@@ -17,6 +17,9 @@ pub enum AgentError {
     /// ConfigureNetwork failed.
     #[error(transparent)]
     Network(#[from] crate::net::NetError),
+    /// RenewIdentity failed.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
     /// Host and agent disagree on the API major version.
     #[error("the host speaks agent API version {host} but this agent speaks version {agent}; use a guest image built from the same husk release as the host")]
     VersionMismatch {
@@ -32,6 +35,8 @@ pub fn code(error: &AgentError) -> Code {
     use ContainerError as C;
     match error {
         AgentError::VersionMismatch { .. } => Code::FAILED_PRECONDITION,
+        AgentError::Identity(crate::identity::IdentityError::Invalid(_)) => Code::INVALID_ARGUMENT,
+        AgentError::Identity(_) => Code::INTERNAL,
         AgentError::Network(e) => match e {
             crate::net::NetError::Invalid(_) => Code::INVALID_ARGUMENT,
             crate::net::NetError::NoNic { .. } => Code::FAILED_PRECONDITION,

@@ -16,6 +16,7 @@ pub mod cgroup;
 pub mod channel;
 pub mod container;
 pub mod error;
+pub mod identity;
 pub mod logging;
 pub mod net;
 pub mod pid1;

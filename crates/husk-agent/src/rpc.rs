@@ -136,6 +136,18 @@ impl Agent for AgentService {
         reply(result, "ConfigureNetwork").map(|()| Empty::default())
     }
 
+    async fn renew_identity(
+        &self,
+        _ctx: &TtrpcContext,
+        req: husk_protocol::agent::RenewIdentityRequest,
+    ) -> Reply<Empty> {
+        let result = crate::identity::Identity::parse(&req).and_then(|id| id.apply());
+        if let Err(e) = &result {
+            tracing::warn!("renewing the guest's identity failed: {e}");
+        }
+        reply(result, "RenewIdentity").map(|()| Empty::default())
+    }
+
     async fn start_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> Reply<Empty> {
         tracing::debug!(container = %req.container_id, "StartContainer");
         let result = self.containers.start(&req.container_id).await;

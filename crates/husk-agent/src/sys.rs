@@ -602,6 +602,41 @@ pub fn fork_with_flags(flags: libc::c_ulong) -> io::Result<Forked> {
     }
 }
 
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Mixes `bytes` into the kernel's entropy pool through `random` (an open
+/// `/dev/urandom`), crediting 8 bits per byte, then makes the CRNG reseed
+/// from the pool at once (`RNDRESEEDCRNG`). Needs CAP_SYS_ADMIN.
+pub fn add_entropy_and_reseed(random: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+    info.extend_from_slice(bytes);
+    // Keep the buffer 4-byte aligned as the kernel's struct is: copy it
+    // into u32 words.
+    let mut words = vec![0u32; info.len().div_ceil(4)];
+    for (i, chunk) in info.chunks(4).enumerate() {
+        let mut w = [0u8; 4];
+        w[..chunk.len()].copy_from_slice(chunk);
+        words[i] = u32::from_ne_bytes(w);
+    }
+    // SAFETY: `words` holds a complete rand_pool_info whose buf_size says
+    // how many bytes follow the header, all within the allocation; the
+    // kernel only reads it.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, words.as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 
 pub use accel::{Accel, AccelMode, HostProbe, SystemProbe};
 pub use process::log_tail;
-pub use spec::{Netns, Nic, SharedFs, VmSpec};
+pub use spec::{GuestMemory, Netns, Nic, SharedFs, VmSpec};
 pub use uid::{UidError, UidLease, UidPool};
 
 /// Errors of launching, driving and stopping a VM.
@@ -66,6 +66,9 @@ pub enum HypervisorError {
     Qmp(#[from] qemu::qmp::QmpError),
     #[error("cannot run QEMU unprivileged")]
     Uid(#[from] UidError),
+    /// Building or restoring from a VM template failed.
+    #[error("{0}")]
+    Template(String),
     #[error("{context}")]
     Io {
         context: String,
@@ -123,4 +126,9 @@ pub trait Vm: Send {
     async fn pause(&mut self) -> Result<(), HypervisorError>;
     /// Lets a paused guest run again.
     async fn resume(&mut self) -> Result<(), HypervisorError>;
+    /// Saves a template booted with [`GuestMemory::TemplateBuild`]: stops
+    /// the guest and writes its device state (not its RAM, which is in the
+    /// memory file already) to `state`. The VM stays paused; shut it down
+    /// after.
+    async fn save_template(&mut self, state: &std::path::Path) -> Result<(), HypervisorError>;
 }

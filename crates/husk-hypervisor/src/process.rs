@@ -26,7 +26,7 @@ use tokio::process::{Child, Command};
 use crate::HypervisorError;
 
 /// At most this many descriptors are passed to one child.
-pub(crate) const MAX_PASSED_FDS: usize = 8;
+pub(crate) const MAX_PASSED_FDS: usize = 16;
 /// Passed descriptors are moved out of the way to at least this number
 /// before they are put at their target numbers (which must be below it).
 const FD_SCRATCH: RawFd = 100;

@@ -34,14 +34,17 @@ impl SharedFs {
 /// opened (`-netdev tap,fd=`; QEMU gets a copy of the descriptor).
 #[derive(Debug, Clone)]
 pub struct Nic {
-    pub tap: Arc<OwnedFd>,
+    /// `None`: a device with no backend (a template's NIC, which gets its
+    /// tap when a sandbox is restored from the template).
+    pub tap: Option<Arc<OwnedFd>>,
     /// The NIC's MAC in the guest.
     pub mac: [u8; 6],
 }
 
 impl PartialEq for Nic {
     fn eq(&self, other: &Nic) -> bool {
-        self.mac == other.mac && self.tap.as_raw_fd() == other.tap.as_raw_fd()
+        let fd = |n: &Nic| n.tap.as_ref().map(|t| t.as_raw_fd());
+        self.mac == other.mac && fd(self) == fd(other)
     }
 }
 impl Eq for Nic {}
@@ -67,6 +70,23 @@ impl PartialEq for Netns {
     }
 }
 impl Eq for Netns {}
+
+/// Where the guest's RAM comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestMemory {
+    /// Fresh memory: anonymous, or a shared memfd when virtio-fs needs it.
+    Fresh,
+    /// Booting a template: RAM is a shared mapping of `file` (QEMU creates
+    /// it), so what the guest writes is in the file when the VM is saved
+    /// ([`crate::Vm::save_template`]).
+    TemplateBuild { file: PathBuf },
+    /// Restored from a template: RAM is a private (copy-on-write) mapping of
+    /// the template's memory `file`, so every sandbox restored from it
+    /// shares the pages it has not written; the device state comes from
+    /// `state` (`-incoming`, with `x-ignore-shared`). The VM runs once the
+    /// state is loaded.
+    TemplateRestore { file: PathBuf, state: PathBuf },
+}
 
 /// One sandbox VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,4 +130,9 @@ pub struct VmSpec {
     /// the one the shim reports, so whatever configures `/proc/PID/ns/net`
     /// (ctr's CNI) configures this one.
     pub netns: Option<Netns>,
+    /// Where its RAM comes from.
+    pub memory: GuestMemory,
+    /// The size of TCG's translation buffer in MiB (`tb-size`); 0: QEMU's
+    /// default. Ignored under KVM.
+    pub tcg_tb_size_mib: u32,
 }

@@ -36,6 +36,31 @@ pub struct Config {
     pub shared_fs: SharedFsConfig,
     pub agent: AgentConfig,
     pub limits: LimitsConfig,
+    pub template: TemplateConfig,
+}
+
+/// Where templates live.
+pub const DEFAULT_TEMPLATE_DIR: &str = "/var/lib/husk/templates";
+
+/// VM templates (docs/templates.md): a guest booted once and saved; every
+/// sandbox of the default size is restored from it instead of booting.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TemplateConfig {
+    /// `false`: every sandbox boots its guest (and the share is virtio-fs
+    /// unless `shared_fs.kind` says otherwise).
+    pub enabled: bool,
+    /// Where templates are kept (root's, 0700).
+    pub dir: PathBuf,
+}
+
+impl Default for TemplateConfig {
+    fn default() -> Self {
+        TemplateConfig {
+            enabled: true,
+            dir: DEFAULT_TEMPLATE_DIR.into(),
+        }
+    }
 }
 
 /// The largest VM any spec or annotation may ask for (0: the host's), and
@@ -85,6 +110,9 @@ pub struct HypervisorConfig {
     pub uid_lock_dir: PathBuf,
     /// The guest console log never grows past this (its tail is kept).
     pub console_log_limit_bytes: u64,
+    /// TCG's translation buffer in MiB (`-accel tcg,tb-size=`); 0 leaves
+    /// QEMU's default. Chosen by measurement: docs/performance.md.
+    pub tcg_tb_size_mib: u32,
     /// Host CPUs to pin QEMU to: derived from the owning container's
     /// `linux.resources.cpu.cpus` (see `sizing.rs`), never read from the file.
     #[serde(skip)]
@@ -94,8 +122,10 @@ pub struct HypervisorConfig {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum SharedFsKind {
-    /// virtio-fs; an error naming the fix when virtiofsd is not found (9p
-    /// only when asked for: it is never a silent fallback).
+    /// With templates (the default), 9p: a vhost-user device (virtio-fs)
+    /// cannot be saved in a template (docs/templates.md). Without, virtio-fs,
+    /// and an error naming the fix when virtiofsd is not found (9p is never
+    /// a silent fallback).
     #[default]
     Auto,
     Virtiofs,
@@ -126,6 +156,7 @@ impl Default for Config {
             shared_fs: SharedFsConfig::default(),
             agent: AgentConfig::default(),
             limits: LimitsConfig::default(),
+            template: TemplateConfig::default(),
         }
     }
 }
@@ -144,6 +175,7 @@ impl Default for HypervisorConfig {
             uid_count: 65_536,
             uid_lock_dir: "/run/husk-uids".into(),
             console_log_limit_bytes: 1 << 20,
+            tcg_tb_size_mib: 0,
             host_cpus: None,
         }
     }

@@ -20,5 +20,6 @@ pub mod sizing;
 pub mod state;
 pub mod status;
 pub mod stdio;
+pub mod template;
 pub mod timing;
 pub mod translate;

@@ -248,10 +248,30 @@ impl HostNetwork {
         self.taps
             .iter()
             .map(|t| Nic {
-                tap: t.fd.clone(),
+                tap: Some(t.fd.clone()),
                 mac: t.mac,
             })
             .collect()
+    }
+
+    /// Gives the VM's first NIC the boot MAC `mac` (a VM template's NIC,
+    /// which every guest restored from it has), and rewrites `guest` to
+    /// find it by that MAC. The agent still gives it the interface's MAC.
+    pub fn set_boot_mac(&mut self, mac: [u8; 6], guest: &mut GuestNetwork) {
+        if let Some(t) = self.taps.first_mut() {
+            let old = fmt_mac(&t.mac);
+            t.mac = mac;
+            for i in &mut guest.interfaces {
+                if i.boot_mac == old {
+                    i.boot_mac = fmt_mac(&mac);
+                }
+            }
+        }
+    }
+
+    /// How many NICs the VM has.
+    pub fn nic_count(&self) -> usize {
+        self.taps.len()
     }
 
     /// Whether a spare tap still waits for an interface.

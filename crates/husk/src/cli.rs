@@ -100,9 +100,35 @@ pub enum Command {
     Spec(SpecArgs),
     /// Say whether this host can run sandboxes, and what is missing.
     Check,
+    /// Build, show, refresh or remove the VM template new sandboxes are
+    /// restored from (docs/templates.md). Sandboxes build it when it is
+    /// missing or outdated; `template.enabled = false` turns templates off.
+    #[command(subcommand)]
+    Template(TemplateCommand),
     /// Internal: the sandbox monitor behind a container.
     #[command(hide = true)]
     Monitor(MonitorArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    /// Build the template of the current configuration (guest kernel,
+    /// initrd, QEMU, machine size, log level) unless it is built already.
+    Build,
+    /// List the templates under `template.dir`: which one the current
+    /// configuration uses, when each was built, what it costs on disk.
+    Show {
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Rebuild the current template and remove every other one.
+    Refresh,
+    /// Remove the template ID, or every template when none is named.
+    /// Running sandboxes keep what they mapped.
+    Remove {
+        /// A template id as `husk template show` lists it.
+        id: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -16,7 +16,7 @@ use std::ffi::OsString;
 use std::os::fd::RawFd;
 use std::path::Path;
 
-use crate::{Accel, SharedFs, VmSpec};
+use crate::{Accel, GuestMemory, SharedFs, VmSpec};
 
 /// QEMU's seccomp sandbox: no obsolete system calls, no set*uid/gid or
 /// capability changes, no fork/exec, no scheduler or resource changes.
@@ -37,6 +37,10 @@ pub const TAG_FD: RawFd = 7;
 
 /// The tap of the VM's first NIC; NIC `n` gets `NIC_FD + n`.
 pub const NIC_FD: RawFd = 8;
+
+/// The template's device state, read by `migrate-incoming fd:` (a VM
+/// restored from a template only).
+pub const STATE_FD: RawFd = 40;
 
 /// Kernel parameters every husk guest gets. `reboot=t` + QEMU's `-no-reboot`
 /// make a guest reboot (the agent's power-off, or a panic via `panic=-1`)
@@ -70,21 +74,25 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
 /// QEMU's arguments (without the binary) for `spec`.
 pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
+    let memory_object = memory_object(spec);
     let mut push = |s: &str| a.push(OsString::from(s));
     let mem = format!("{}M", spec.memory_mib);
 
     push("-name");
     push(&format!("husk-{}", spec.name));
-    let machine = match spec.shared_fs {
-        SharedFs::Virtiofs { .. } => "microvm,acpi=off,memory-backend=mem",
-        SharedFs::NineP => "microvm,acpi=off",
+    let machine = match memory_object {
+        Some(_) => "microvm,acpi=off,memory-backend=mem",
+        None => "microvm,acpi=off",
     };
     push("-M");
     push(machine);
     push("-accel");
-    push(match spec.accel {
-        Accel::Kvm => "kvm",
-        Accel::Tcg => "tcg,thread=multi",
+    push(&match spec.accel {
+        Accel::Kvm => "kvm".to_string(),
+        Accel::Tcg if spec.tcg_tb_size_mib > 0 => {
+            format!("tcg,thread=multi,tb-size={}", spec.tcg_tb_size_mib)
+        }
+        Accel::Tcg => "tcg,thread=multi".to_string(),
     });
     push("-cpu");
     push(match spec.accel {
@@ -107,12 +115,12 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
     ] {
         push(s);
     }
-    if let SharedFs::Virtiofs { .. } = spec.shared_fs {
-        push("-object");
-        push(&format!("memory-backend-memfd,id=mem,size={mem},share=on"));
-    }
     push("-kernel");
     a.push(spec.kernel.clone().into_os_string());
+    if let Some(object) = memory_object {
+        push_str(&mut a, "-object");
+        a.push(object);
+    }
     push_str(&mut a, "-initrd");
     a.push(spec.initrd.clone().into_os_string());
     push_str(&mut a, "-append");
@@ -164,10 +172,21 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
     for (n, nic) in spec.nics.iter().enumerate() {
         // No vhost-net: these hosts have no /dev/vhost-net, and QEMU (an
         // unprivileged uid) could not open it anyway.
-        push_str(&mut a, "-netdev");
-        a.push(format!("tap,id=net{n},fd={}", NIC_FD + n as RawFd).into());
-        push_str(&mut a, "-device");
-        a.push(format!("virtio-net-device,netdev=net{n},mac={}", nic.mac_string()).into());
+        if nic.tap.is_some() {
+            push_str(&mut a, "-netdev");
+            a.push(format!("tap,id=net{n},fd={}", NIC_FD + n as RawFd).into());
+            push_str(&mut a, "-device");
+            a.push(format!("virtio-net-device,netdev=net{n},mac={}", nic.mac_string()).into());
+        } else {
+            push_str(&mut a, "-device");
+            a.push(format!("virtio-net-device,mac={}", nic.mac_string()).into());
+        }
+    }
+    if let GuestMemory::TemplateRestore { .. } = spec.memory {
+        // The state is loaded over QMP once `x-ignore-shared` is set
+        // (`qemu::restore`), which cannot be set on the command line.
+        push_str(&mut a, "-incoming");
+        push_str(&mut a, "defer");
     }
 
     push_str(&mut a, "-chardev");
@@ -175,6 +194,29 @@ pub fn command_line(spec: &VmSpec) -> Vec<OsString> {
     push_str(&mut a, "-mon");
     push_str(&mut a, "chardev=qmp,mode=control");
     a
+}
+
+/// The `-object` of the guest's RAM when it is not QEMU's anonymous memory:
+/// a shared memfd for vhost-user (virtio-fs), or a template's memory file
+/// (shared while the template is built, private when restored from it).
+fn memory_object(spec: &VmSpec) -> Option<OsString> {
+    let size = format!("size={}M", spec.memory_mib);
+    match (&spec.memory, &spec.shared_fs) {
+        (GuestMemory::TemplateBuild { file }, _) => Some(path_arg(
+            "memory-backend-file,id=mem,mem-path=",
+            file,
+            &format!(",{size},share=on"),
+        )),
+        (GuestMemory::TemplateRestore { file, .. }, _) => Some(path_arg(
+            "memory-backend-file,id=mem,mem-path=",
+            file,
+            &format!(",{size},share=off"),
+        )),
+        (GuestMemory::Fresh, SharedFs::Virtiofs { .. }) => {
+            Some(format!("memory-backend-memfd,id=mem,{size},share=on").into())
+        }
+        (GuestMemory::Fresh, SharedFs::NineP) => None,
+    }
 }
 
 fn push_str(a: &mut Vec<OsString>, s: &str) {
@@ -210,7 +252,69 @@ mod tests {
             host_cpus: None,
             nics: Vec::new(),
             netns: None,
+            memory: GuestMemory::Fresh,
+            tcg_tb_size_mib: 0,
         }
+    }
+
+    #[test]
+    fn a_template_is_built_on_a_shared_file_and_restored_onto_a_private_mapping() {
+        let mut s = spec(SharedFs::NineP, Accel::Tcg);
+        s.tcg_tb_size_mib = 32;
+        s.nics.push(crate::Nic {
+            tap: None,
+            mac: [2, 0x68, 0x75, 0x73, 0x6b, 1],
+        });
+        s.memory = GuestMemory::TemplateBuild {
+            file: "/var/lib/husk/templates/t/memory".into(),
+        };
+        let built = joined(&s);
+        assert!(
+            built.contains("-M microvm,acpi=off,memory-backend=mem "),
+            "{built}"
+        );
+        assert!(
+            built.contains("-accel tcg,thread=multi,tb-size=32 "),
+            "{built}"
+        );
+        assert!(built.contains(
+            "-object memory-backend-file,id=mem,mem-path=/var/lib/husk/templates/t/memory,size=256M,share=on "
+        ), "{built}");
+        // The template's NIC has no backend, and it is not waiting for state.
+        assert!(
+            built.contains("-device virtio-net-device,mac=02:68:75:73:6b:01 "),
+            "{built}"
+        );
+        assert!(
+            !built.contains("-netdev") && !built.contains("-incoming"),
+            "{built}"
+        );
+
+        s.memory = GuestMemory::TemplateRestore {
+            file: "/var/lib/husk/templates/t/memory".into(),
+            state: "/var/lib/husk/templates/t/state".into(),
+        };
+        let null = std::sync::Arc::new(std::os::fd::OwnedFd::from(
+            std::fs::File::open("/dev/null").unwrap(),
+        ));
+        s.nics[0].tap = Some(null);
+        let restored = joined(&s);
+        assert!(restored.contains(
+            "-object memory-backend-file,id=mem,mem-path=/var/lib/husk/templates/t/memory,size=256M,share=off "
+        ), "{restored}");
+        assert!(restored.contains(
+            "-netdev tap,id=net0,fd=8 -device virtio-net-device,netdev=net0,mac=02:68:75:73:6b:01 "
+        ), "{restored}");
+        assert!(restored.contains(" -incoming defer "), "{restored}");
+        // Everything but the memory's sharing, the NIC's backend and the
+        // incoming state is the template's: the restore must match it.
+        let strip = |l: &str| {
+            l.replace(",share=off", ",share=on")
+                .replace("-incoming defer ", "")
+                .replace("-netdev tap,id=net0,fd=8 ", "")
+                .replace("netdev=net0,", "")
+        };
+        assert_eq!(strip(&restored), strip(&built));
     }
 
     #[test]
@@ -221,7 +325,7 @@ mod tests {
         ));
         for mac in [[0x0a, 0x58, 0x0a, 0x58, 0, 5], [2, 0, 0, 0, 0, 9]] {
             s.nics.push(crate::Nic {
-                tap: null.clone(),
+                tap: Some(null.clone()),
                 mac,
             });
         }

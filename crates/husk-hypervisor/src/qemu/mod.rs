@@ -3,7 +3,7 @@
 pub mod cmdline;
 pub mod qmp;
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::Path;
@@ -13,7 +13,8 @@ use async_trait::async_trait;
 use tokio::process::{Child, Command};
 
 use crate::{
-    caplog, process, virtiofsd, Accel, HypervisorError, SharedFs, UidLease, Vm, VmExit, VmSpec,
+    caplog, process, virtiofsd, Accel, GuestMemory, HypervisorError, SharedFs, UidLease, Vm,
+    VmExit, VmSpec,
 };
 use qmp::Qmp;
 
@@ -93,11 +94,18 @@ impl crate::Hypervisor for Qemu {
             std::fs::File::open("/dev/null").map_err(io_err("cannot open /dev/null".into()))?;
         fds.push((null.into(), cmdline::TAG_FD));
         for (n, nic) in spec.nics.iter().enumerate() {
-            let tap = nic
-                .tap
+            let Some(tap) = &nic.tap else { continue };
+            let tap = tap
                 .try_clone()
                 .map_err(io_err(format!("cannot pass the tap of NIC {n} to QEMU")))?;
             fds.push((tap, cmdline::NIC_FD + n as RawFd));
+        }
+        if let GuestMemory::TemplateRestore { state, .. } = &spec.memory {
+            let f = std::fs::File::open(state).map_err(io_err(format!(
+                "cannot open the template's device state {}",
+                state.display()
+            )))?;
+            fds.push((f.into(), cmdline::STATE_FD));
         }
         let user = match &lease {
             Some(l) => {
@@ -154,6 +162,18 @@ impl crate::Hypervisor for Qemu {
             },
         };
         qmp.set_deadline(qmp::QMP_DEADLINE);
+        if let GuestMemory::TemplateRestore { .. } = spec.memory {
+            let restored = tokio::select! {
+                r = restore(&mut qmp) => r,
+                status = child.wait() => {
+                    return Err(early_exit(status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())));
+                }
+            };
+            if let Err(e) = restored {
+                let _ = child.kill().await;
+                return Err(e);
+            }
+        }
         Ok(Box::new(QemuVm {
             pid: child.id().unwrap_or(0),
             qemu: child,
@@ -163,6 +183,40 @@ impl crate::Hypervisor for Qemu {
             _uid: lease,
         }))
     }
+}
+
+/// How long loading a template's device state may take.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long saving a template's device state may take.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Loads the template's device state (passed as [`cmdline::STATE_FD`]) into
+/// a QEMU started with `-incoming defer`, and lets the guest run.
+async fn restore(qmp: &mut Qmp) -> Result<(), HypervisorError> {
+    qmp.ignore_shared_memory().await?;
+    qmp.execute(
+        "migrate-incoming",
+        Some(serde_json::json!({ "uri": format!("fd:{}", cmdline::STATE_FD) })),
+    )
+    .await?;
+    let start = std::time::Instant::now();
+    loop {
+        match qmp.status().await?.as_str() {
+            "inmigrate" if start.elapsed() < RESTORE_TIMEOUT => {
+                tokio::time::sleep(Duration::from_millis(2)).await
+            }
+            "paused" => break,
+            other => {
+                let (_, error) = qmp.migration_status().await.unwrap_or_default();
+                return Err(HypervisorError::Template(format!(
+                    "loading the template's device state ended in state {other}: {}",
+                    error.unwrap_or_else(|| "QEMU gave no reason".into())
+                )));
+            }
+        }
+    }
+    qmp.execute("cont", None).await?;
+    Ok(())
 }
 
 /// Connects to virtiofsd's socket for QEMU (through its directory's
@@ -336,6 +390,42 @@ impl Vm for QemuVm {
     async fn resume(&mut self) -> Result<(), HypervisorError> {
         self.qmp_mut()?.execute("cont", None).await?;
         Ok(())
+    }
+
+    async fn save_template(&mut self, state: &Path) -> Result<(), HypervisorError> {
+        let file = std::fs::File::create(state).map_err(io_err(format!(
+            "cannot create the template's device state {}",
+            state.display()
+        )))?;
+        let qmp = self.qmp_mut()?;
+        qmp.ignore_shared_memory().await?;
+        qmp.execute("stop", None).await?;
+        qmp.pass_fd("template-state", file.as_fd()).await?;
+        drop(file);
+        qmp.execute(
+            "migrate",
+            Some(serde_json::json!({ "uri": "fd:template-state" })),
+        )
+        .await?;
+        let start = std::time::Instant::now();
+        loop {
+            let (status, error) = qmp.migration_status().await?;
+            match status.as_str() {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    return Err(HypervisorError::Template(format!(
+                        "saving the template's device state failed: {}",
+                        error.unwrap_or_else(|| "QEMU gave no reason".into())
+                    )))
+                }
+                _ if start.elapsed() > SAVE_TIMEOUT => {
+                    return Err(HypervisorError::Template(format!(
+                        "saving the template's device state took longer than {SAVE_TIMEOUT:?}"
+                    )))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
     }
 
     async fn shutdown(&mut self, grace: Duration) -> Result<VmExit, HypervisorError> {

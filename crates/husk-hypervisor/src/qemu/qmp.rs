@@ -7,6 +7,7 @@
 //! stops answering cannot pin husk. After a timeout the session is closed
 //! (a late reply would be taken for the next command's).
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -250,6 +251,104 @@ impl Qmp {
                 command: "query-status".into(),
                 reply: v.to_string(),
             })
+    }
+
+    /// Hands QEMU the descriptor `fd` under `name` (`getfd`, with the
+    /// descriptor riding along as `SCM_RIGHTS`), for commands that take
+    /// `fd:<name>`.
+    pub async fn pass_fd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        if self.broken {
+            return Err(QmpError::Closed);
+        }
+        let mut line = json!({ "execute": "getfd", "arguments": { "fdname": name } }).to_string();
+        line.push('\n');
+        let stream: &UnixStream = self.writer.as_ref();
+        let fds = [fd.as_raw_fd()];
+        loop {
+            stream.writable().await?;
+            let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                nix::sys::socket::sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &[std::io::IoSlice::new(line.as_bytes())],
+                    &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+                    nix::sys::socket::MsgFlags::empty(),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match sent {
+                Ok(n) if n == line.len() => break,
+                // The descriptor went with the first part; a short send of
+                // a line this small does not happen on a unix socket.
+                Ok(n) => {
+                    return Err(QmpError::Io(std::io::Error::other(format!(
+                        "getfd: sent {n} of {} bytes",
+                        line.len()
+                    ))))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let deadline = self.deadline;
+        let reply = async {
+            loop {
+                match self.next_message().await? {
+                    QmpMessage::Return(_) => return Ok(()),
+                    QmpMessage::Error { class, desc } => {
+                        return Err(QmpError::Command {
+                            command: "getfd".into(),
+                            class,
+                            desc,
+                        })
+                    }
+                    QmpMessage::Event(ev) => tracing::debug!(event = %ev, "qmp event"),
+                    QmpMessage::Greeting => {
+                        return Err(QmpError::Unexpected {
+                            command: "getfd".into(),
+                            reply: "a second greeting".into(),
+                        })
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(deadline, reply).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.broken = true;
+                Err(QmpError::Timeout {
+                    command: "getfd".into(),
+                    after: deadline,
+                })
+            }
+        }
+    }
+
+    /// Turns on the migration capability `x-ignore-shared` (RAM in a shared
+    /// file is not copied into the stream: it is the template's memory file).
+    pub async fn ignore_shared_memory(&mut self) -> Result<(), QmpError> {
+        self.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [ { "capability": "x-ignore-shared", "state": true } ] })),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The status of the last migration (`active`, `completed`, `failed`, ...)
+    /// and its error, if QEMU gave one.
+    pub async fn migration_status(&mut self) -> Result<(String, Option<String>), QmpError> {
+        let v = self.execute("query-migrate", None).await?;
+        let status = v
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+            .to_string();
+        let error = v
+            .get("error-desc")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        Ok((status, error))
     }
 
     /// Asks QEMU to exit. QEMU may close the connection before replying.

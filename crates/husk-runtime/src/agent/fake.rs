@@ -251,6 +251,7 @@ impl FakeAgent {
                 get(&mut st, cid)?;
                 done
             }
+            Call::RenewIdentity { .. } => done,
             Call::StartContainer { cid } => {
                 get(&mut st, cid)?;
                 st.containers.get_mut(cid).expect("checked").started = true;

@@ -201,6 +201,13 @@ pub enum Call {
     },
     /// Waits for the next OOM kill in the guest.
     NextOomEvent,
+    /// Gives a guest restored from a template fresh entropy, the host's
+    /// time and a hostname (`template::renew_identity`).
+    RenewIdentity {
+        entropy: Vec<u8>,
+        realtime: std::time::SystemTime,
+        hostname: String,
+    },
     Shutdown,
 }
 
@@ -259,6 +266,7 @@ impl Call {
             Call::UpdateContainer { .. } => ("UpdateContainer", S(10)),
             Call::StatsContainer { .. } => ("StatsContainer", S(10)),
             Call::ConfigureNetwork { .. } => ("ConfigureNetwork", S(30)),
+            Call::RenewIdentity { .. } => ("RenewIdentity", S(5)),
             Call::NextOomEvent => ("GetOOMEvent", None),
             Call::Shutdown => ("Shutdown", S(5)),
         }

@@ -143,6 +143,23 @@ impl AgentConn for TtrpcConn {
                 done(raw.create_container(ctx(), &req).await)
             }
             Call::StartContainer { cid } => done(raw.start_container(ctx(), &container(cid)).await),
+            Call::RenewIdentity {
+                entropy,
+                realtime,
+                hostname,
+            } => {
+                let t = realtime
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let req = pb::RenewIdentityRequest {
+                    entropy,
+                    realtime_sec: t.as_secs() as i64,
+                    realtime_nsec: t.subsec_nanos(),
+                    hostname,
+                    ..Default::default()
+                };
+                done(raw.renew_identity(ctx(), &req).await)
+            }
             Call::ConfigureNetwork { cid, network } => done(
                 raw.configure_network(ctx(), &network_request(cid, network))
                     .await,

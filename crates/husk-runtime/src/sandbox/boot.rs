@@ -8,7 +8,7 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use husk_hypervisor::accel::{self, HostProbe};
-use husk_hypervisor::{Hypervisor, SharedFs, Vm, VmSpec};
+use husk_hypervisor::{Accel, GuestMemory, Hypervisor, SharedFs, Vm, VmSpec};
 use husk_protocol::{AGENT_PORT_NAME, KERNEL_LOG_PARAM, KERNEL_SHARE_PARAM, SHARE_TAG};
 
 use super::{console_tail, Parts, SandboxError};
@@ -17,10 +17,14 @@ use crate::config::{Config, SharedFsKind};
 use crate::host_cgroup::{HostCgroup, Limits};
 use crate::sandbox_dir::SandboxDir;
 use crate::share::Share;
+use crate::template;
 use crate::timing::TIMING;
 
 /// Boots a VM named `id` whose state lives in `dir`, and waits until its
-/// agent answers. On error everything made so far, `dir` included, is gone.
+/// agent answers. With `templated`, the VM is restored from the VM
+/// template of this configuration (built first if there is none; a build
+/// that fails is logged and the VM boots instead). On error everything
+/// made so far, `dir` included, is gone.
 #[allow(clippy::too_many_arguments)]
 pub async fn boot(
     cfg: &Config,
@@ -31,6 +35,7 @@ pub async fn boot(
     agent_log: &str,
     nics: Vec<husk_hypervisor::Nic>,
     netns: Option<husk_hypervisor::Netns>,
+    templated: bool,
 ) -> Result<Parts, SandboxError> {
     let share = Share::create(&dir.share_staging(), &dir.share())?;
     let choice = accel::choose(cfg.hypervisor.accel, probe);
@@ -38,57 +43,56 @@ pub async fn boot(
         // Quiet by default, like runc; `husk check` always shows it.
         tracing::info!("{n}");
     }
-    let shared_fs = match cfg.shared_fs.kind {
-        SharedFsKind::NineP => SharedFs::NineP,
-        SharedFsKind::Virtiofs => SharedFs::Virtiofs {
-            daemon: cfg.find_virtiofsd().ok_or(SandboxError::NoVirtiofsd)?,
-            socket: dir.virtiofsd_socket(),
-        },
+    let template = if templated {
+        let machine = Machine::new(cfg, choice.accel, probe, agent_log, true);
+        match template::ensure(cfg, hv, &machine).await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(
+                    "booting without a VM template: {}",
+                    crate::monitor::error_chain(&e)
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let machine = Machine::new(cfg, choice.accel, probe, agent_log, template.is_some());
+    let shared_fs = match (cfg.shared_fs.kind, &template) {
+        (SharedFsKind::NineP, _) | (SharedFsKind::Auto, Some(_)) => SharedFs::NineP,
         // 9p is served by QEMU itself, as root: never a silent fallback.
-        SharedFsKind::Auto => SharedFs::Virtiofs {
+        (SharedFsKind::Virtiofs, _) | (SharedFsKind::Auto, None) => SharedFs::Virtiofs {
             daemon: cfg.find_virtiofsd().ok_or(SandboxError::NoVirtiofsd)?,
             socket: dir.virtiofsd_socket(),
         },
     };
-    // QEMU drops to a leased uid unless it serves 9p (which must read and
-    // chown root's files: it stays root, under its seccomp sandbox).
-    let uid_pool = match shared_fs {
-        SharedFs::Virtiofs { .. } => Some(husk_hypervisor::UidPool {
-            first: cfg.hypervisor.uid_first,
-            count: cfg.hypervisor.uid_count,
-            lock_dir: cfg.hypervisor.uid_lock_dir.clone(),
-        }),
-        SharedFs::NineP => None,
+    let memory = match &template {
+        Some(t) => GuestMemory::TemplateRestore {
+            file: t.memory(),
+            state: t.state(),
+        },
+        None => GuestMemory::Fresh,
     };
-    let mut kernel_params = vec![
-        format!("{KERNEL_LOG_PARAM}={agent_log}"),
-        format!("{KERNEL_SHARE_PARAM}={}", shared_fs.driver()),
-    ];
-    kernel_params.extend(accel::tcg_clock_params(choice.accel, probe.tsc_khz()));
-    kernel_params.extend(cfg.hypervisor.kernel_params.iter().cloned());
-    let spec = VmSpec {
-        name: id.to_string(),
-        qemu: cfg.hypervisor.path.clone(),
-        kernel: cfg.hypervisor.kernel.clone(),
-        initrd: cfg.hypervisor.initrd.clone(),
-        accel: choice.accel,
-        vcpus: cfg.hypervisor.vcpus,
-        memory_mib: cfg.hypervisor.memory_mib,
-        kernel_params,
-        share_dir: share.dir().to_path_buf(),
-        shared_fs: shared_fs.clone(),
-        share_tag: SHARE_TAG.to_string(),
-        agent_port: AGENT_PORT_NAME.to_string(),
-        agent_socket: dir.agent_socket(),
-        qmp_socket: dir.qmp_socket(),
-        console_log: dir.console_log(),
-        console_log_limit: cfg.hypervisor.console_log_limit_bytes,
-        uid_pool,
-        hypervisor_log: dir.hypervisor_log(),
-        host_cpus: cfg.hypervisor.host_cpus.clone(),
+    let mut nics = nics;
+    if template.is_some() && nics.is_empty() {
+        // The template's NIC is there whether or not it gets a tap.
+        nics.push(template::template_nic());
+    }
+    let spec = machine.spec(
+        id,
+        &shared_fs,
+        VmPaths {
+            share_dir: share.dir().to_path_buf(),
+            agent_socket: dir.agent_socket(),
+            qmp_socket: dir.qmp_socket(),
+            console_log: dir.console_log(),
+            hypervisor_log: dir.hypervisor_log(),
+        },
         nics,
         netns,
-    };
+        memory,
+    );
     let mut vm: Box<dyn Vm> = hv
         .launch(&spec)
         .instrument(tracing::info_span!(target: TIMING, "vm_start"))
@@ -108,14 +112,23 @@ pub async fn boot(
         .await?;
     let agent = AgentClient::new(std::sync::Arc::new(conn));
     let boot_timeout = Duration::from_secs(cfg.agent.boot_timeout_secs);
-    let handshake = agent.handshake(boot_timeout).instrument(ready);
+    let handshake = async {
+        let info = agent.handshake(boot_timeout).await?;
+        if template.is_some() {
+            // Every clone starts with the template's RNG state, clock and
+            // hostname: renew them before any container runs.
+            agent.done(template::renew_identity(id)?).await?;
+        }
+        Ok::<_, SandboxError>(info)
+    }
+    .instrument(ready);
     let info = tokio::select! {
         r = handshake => match r {
             Ok(info) => info,
             Err(e) => {
                 let console = console_tail(&dir);
                 tracing::error!("guest console:\n{console}");
-                return Err(e.into());
+                return Err(e);
             }
         },
         exit = vm.wait() => {
@@ -126,6 +139,7 @@ pub async fn boot(
         accel = %choice.accel,
         shared_fs = shared_fs.driver(),
         kernel = %info.kernel_release,
+        template = template.as_ref().map(|t| t.id.as_str()).unwrap_or("none"),
         "sandbox ready"
     );
     Ok(Parts {
@@ -139,6 +153,100 @@ pub async fn boot(
         network: None,
         guest_network: None,
     })
+}
+
+/// Where one VM's sockets, logs and share are.
+pub(crate) struct VmPaths {
+    pub share_dir: std::path::PathBuf,
+    pub agent_socket: std::path::PathBuf,
+    pub qmp_socket: std::path::PathBuf,
+    pub console_log: std::path::PathBuf,
+    pub hypervisor_log: std::path::PathBuf,
+}
+
+/// What every VM of a configuration is, whichever sandbox it is for: what
+/// a VM template saves, and what a sandbox restored from it must match.
+pub(crate) struct Machine {
+    pub cfg: Config,
+    pub accel: Accel,
+    pub kernel_params: Vec<String>,
+}
+
+impl Machine {
+    /// With `templated`, the share is not named on the kernel command line
+    /// (the agent would mount it at boot, and a mounted 9p export cannot be
+    /// saved): the first CreateContainer mounts it.
+    pub fn new(
+        cfg: &Config,
+        accel: Accel,
+        probe: &(dyn HostProbe + Sync),
+        agent_log: &str,
+        templated: bool,
+    ) -> Machine {
+        let mut kernel_params = vec![format!("{KERNEL_LOG_PARAM}={agent_log}")];
+        if !templated {
+            let driver = match cfg.shared_fs.kind {
+                SharedFsKind::NineP => "9p",
+                SharedFsKind::Virtiofs | SharedFsKind::Auto => "virtiofs",
+            };
+            kernel_params.push(format!("{KERNEL_SHARE_PARAM}={driver}"));
+        }
+        kernel_params.extend(accel::tcg_clock_params(accel, probe.tsc_khz()));
+        kernel_params.extend(cfg.hypervisor.kernel_params.iter().cloned());
+        Machine {
+            cfg: cfg.clone(),
+            accel,
+            kernel_params,
+        }
+    }
+
+    /// The VM of sandbox `name`.
+    pub fn spec(
+        &self,
+        name: &str,
+        shared_fs: &SharedFs,
+        paths: VmPaths,
+        nics: Vec<husk_hypervisor::Nic>,
+        netns: Option<husk_hypervisor::Netns>,
+        memory: GuestMemory,
+    ) -> VmSpec {
+        let h = &self.cfg.hypervisor;
+        // QEMU drops to a leased uid unless it serves 9p (which must read
+        // and chown root's files: it stays root, under its seccomp sandbox).
+        let uid_pool = match shared_fs {
+            SharedFs::Virtiofs { .. } => Some(husk_hypervisor::UidPool {
+                first: h.uid_first,
+                count: h.uid_count,
+                lock_dir: h.uid_lock_dir.clone(),
+            }),
+            SharedFs::NineP => None,
+        };
+        VmSpec {
+            name: name.to_string(),
+            qemu: h.path.clone(),
+            kernel: h.kernel.clone(),
+            initrd: h.initrd.clone(),
+            accel: self.accel,
+            vcpus: h.vcpus,
+            memory_mib: h.memory_mib,
+            kernel_params: self.kernel_params.clone(),
+            share_dir: paths.share_dir,
+            shared_fs: shared_fs.clone(),
+            share_tag: SHARE_TAG.to_string(),
+            agent_port: AGENT_PORT_NAME.to_string(),
+            agent_socket: paths.agent_socket,
+            qmp_socket: paths.qmp_socket,
+            console_log: paths.console_log,
+            console_log_limit: h.console_log_limit_bytes,
+            uid_pool,
+            hypervisor_log: paths.hypervisor_log,
+            host_cpus: h.host_cpus.clone(),
+            nics,
+            netns,
+            memory,
+            tcg_tb_size_mib: h.tcg_tb_size_mib,
+        }
+    }
 }
 
 impl super::Sandbox {
@@ -199,9 +307,23 @@ impl super::Sandbox {
                 tracing::warn!(path = %file.display(), error = %e, "cannot record the host cgroup");
             }
         }
-        let (network, vm_netns) = attach_network(owner, &dir, host_pid)?;
+        let (mut network, vm_netns) = attach_network(owner, &dir, host_pid)?;
+        let nic_count = network.as_ref().map(|(n, _)| n.nic_count()).unwrap_or(0);
+        let templated = match template::eligible(cfg, &sized, nic_count) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::debug!("booting the guest, not restoring a template: {why}");
+                false
+            }
+        };
+        if let (true, Some((net, guest))) = (templated, network.as_mut()) {
+            net.set_boot_mac(template::TEMPLATE_NIC_MAC, guest);
+        }
         let nics = network.as_ref().map(|(n, _)| n.nics()).unwrap_or_default();
-        let mut parts = boot(&sized, hv, probe, dir, id, agent_log, nics, vm_netns).await?;
+        let mut parts = boot(
+            &sized, hv, probe, dir, id, agent_log, nics, vm_netns, templated,
+        )
+        .await?;
         parts.host_cgroup = host_cgroup;
         if let Some((net, guest)) = network {
             parts.network = Some(net);

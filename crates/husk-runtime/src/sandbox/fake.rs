@@ -82,6 +82,11 @@ impl Vm for FakeVm {
     async fn resume(&mut self) -> Result<(), HypervisorError> {
         Ok(())
     }
+    async fn save_template(&mut self, _state: &std::path::Path) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Template(
+            "a fake VM has no state to save".into(),
+        ))
+    }
 }
 
 /// Records which container has which binds.

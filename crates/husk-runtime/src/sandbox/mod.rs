@@ -17,7 +17,7 @@
 //! only for containers the sandbox holds, OOM events are rate-limited, and
 //! a VM that dies ends every process it held (status 255) at once.
 
-mod boot;
+pub(crate) mod boot;
 mod container;
 pub mod fake;
 #[cfg(test)]
@@ -100,6 +100,8 @@ pub enum SandboxError {
     Sizing(#[from] crate::sizing::SizingError),
     #[error(transparent)]
     Network(#[from] crate::net::NetError),
+    #[error(transparent)]
+    Template(#[from] crate::template::TemplateError),
     #[error("cannot encode the guest spec")]
     Encode(#[from] serde_json::Error),
 }

@@ -15,6 +15,7 @@ mod run;
 mod spec;
 mod start;
 mod state;
+mod template;
 mod update;
 
 use std::path::{Path, PathBuf};
@@ -47,6 +48,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Update(a) => update::update(g, a),
         Command::Exec(a) => exec::exec(g, a),
         Command::Check => check::check(&load_config(g)?),
+        Command::Template(t) => template::template(g, &load_config(g)?, t),
         Command::Create(a) => create::create(g, &load_config(g)?, a),
         Command::Run(a) => run::run(g, &load_config(g)?, a),
         Command::Monitor(a) => monitor::monitor(g, &load_config(g)?, a),
