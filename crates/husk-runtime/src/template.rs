@@ -401,6 +401,11 @@ pub fn eligible(cfg: &Config, sized: &Config, nics: usize) -> Result<(), &'stati
     {
         return Err("the sandbox is sized by its spec, the template has the configured size");
     }
+    let h = &cfg.hypervisor;
+    if !(h.path.is_file() && h.kernel.is_file() && h.initrd.is_file()) {
+        // Booting names what is missing.
+        return Err("the QEMU binary, guest kernel or initrd is missing");
+    }
     if nics > 1 {
         return Err("the sandbox has more than one network interface; the template has one NIC");
     }

@@ -109,7 +109,9 @@ fn mode(p: &Path) -> u32 {
 #[test]
 fn vm_qemu_is_seccomp_sandboxed_unprivileged_and_inherits_no_fd() {
     let _leaks = LeakGuard::new();
-    let env = Env::new("confine");
+    // virtio-fs: QEMU unprivileged, virtiofsd beside it (a templated
+    // sandbox shares over 9p: docs/templates.md).
+    let env = Env::with("confine", Share::Virtiofs, |_| {});
     let b = Bundle::busybox(&["sh", "-c", "echo ready; sleep 1000"]);
     // A descriptor of the caller's (as --preserve-fds hands them over),
     // and a umask that would make everything world-writable.
@@ -271,7 +273,9 @@ fn vm_a_guest_flooding_its_console_stays_under_the_cap() {
 #[test]
 fn vm_a_killed_virtiofsd_stops_the_sandbox_and_delete_is_quick() {
     let _leaks = LeakGuard::new();
-    let env = Env::new("vfsdkill");
+    // virtio-fs: QEMU unprivileged, virtiofsd beside it (a templated
+    // sandbox shares over 9p: docs/templates.md).
+    let env = Env::with("vfsdkill", Share::Virtiofs, |_| {});
     let b = Bundle::busybox(&["sh", "-c", "echo ready; sleep 1000"]);
     run_detached(&env, &b, "v");
     wait_output(&env, "v", "ready");

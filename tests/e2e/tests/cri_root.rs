@@ -81,7 +81,12 @@ fn cri_pod_runs_execs_logs_and_leaves_nothing() {
     let pss = c.pss_kib();
     let total: u64 = pss.iter().map(|(_, k)| k).sum();
     eprintln!("idle pod host PSS: {total} KiB ({pss:?})");
-    assert!(pss.iter().all(|(_, k)| *k > 0), "{pss:?}");
+    // Restored from the VM template (the default), the pod's share is 9p:
+    // no virtiofsd.
+    assert!(
+        pss.iter().all(|(what, k)| (*k > 0) == (*what != "virtiofsd")),
+        "{pss:?}"
+    );
 
     let ro = c.dir.path().join("ro");
     let rw = c.dir.path().join("rw");

@@ -421,6 +421,8 @@ impl Sandbox {
             console: self.console_tail(),
         };
         let r = tokio::select! {
+            // An answer that is there counts even if the VM is gone too.
+            biased;
             r = fut => r.map_err(SandboxError::from),
             e = exit.wait_for(Option::is_some) => match e {
                 Ok(e) => return Err(died(e.clone().expect("waited for Some"))),
@@ -746,11 +748,24 @@ impl Sandbox {
             }
             Ok(p.guest_id.clone())
         })??;
-        self.while_alive(
-            "while signalling",
-            self.agent.signal(cid, &guest_id, signal, all),
-        )
-        .await
+        let sent = self
+            .while_alive(
+                "while signalling",
+                self.agent.signal(cid, &guest_id, signal, all),
+            )
+            .await;
+        match sent {
+            // The signal ended the process, and with it the sandbox, before
+            // the agent's answer came back: it was delivered.
+            Err(SandboxError::VmDied { .. } | SandboxError::Gone(_))
+                if self
+                    .with(cid, |c| c.process(exec_id).and_then(|p| p.exited()).is_some())
+                    .unwrap_or(false) =>
+            {
+                Ok(())
+            }
+            r => r,
+        }
     }
 
     /// Freezes the container's processes.
