@@ -94,6 +94,7 @@ bench: build guest
 	HUSK_BIN=$(TARGET_DIR)/release/husk HUSK_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) \
 	  HUSK_SHIM_BIN=$(TARGET_DIR)/release/containerd-shim-husk-v2 \
 	  cargo bench -p husk-e2e --features vm-tests --benches
+	benches/templates_vs_runc.sh $(TARGET_DIR)/release/husk $(CURDIR)/$(GUEST_DIR) 20
 
 ## conformance: OCI runtime-tools validation, husk vs runc, same run (docs/conformance.md)
 conformance: build guest

@@ -111,7 +111,9 @@ pub struct HypervisorConfig {
     /// The guest console log never grows past this (its tail is kept).
     pub console_log_limit_bytes: u64,
     /// TCG's translation buffer in MiB (`-accel tcg,tb-size=`); 0 leaves
-    /// QEMU's default. Chosen by measurement: docs/performance.md.
+    /// QEMU's default. 16 by measurement (docs/performance.md: 38 MiB of
+    /// host PSS per idle templated sandbox against 47 with 32 or QEMU's
+    /// default).
     pub tcg_tb_size_mib: u32,
     /// Host CPUs to pin QEMU to: derived from the owning container's
     /// `linux.resources.cpu.cpus` (see `sizing.rs`), never read from the file.
@@ -175,7 +177,7 @@ impl Default for HypervisorConfig {
             uid_count: 65_536,
             uid_lock_dir: "/run/husk-uids".into(),
             console_log_limit_bytes: 1 << 20,
-            tcg_tb_size_mib: 0,
+            tcg_tb_size_mib: 16,
             host_cpus: None,
         }
     }
