@@ -84,7 +84,8 @@ fn cri_pod_runs_execs_logs_and_leaves_nothing() {
     // Restored from the VM template (the default), the pod's share is 9p:
     // no virtiofsd.
     assert!(
-        pss.iter().all(|(what, k)| (*k > 0) == (*what != "virtiofsd")),
+        pss.iter()
+            .all(|(what, k)| (*k > 0) == (*what != "virtiofsd")),
         "{pss:?}"
     );
 

@@ -759,7 +759,9 @@ impl Sandbox {
             // the agent's answer came back: it was delivered.
             Err(SandboxError::VmDied { .. } | SandboxError::Gone(_))
                 if self
-                    .with(cid, |c| c.process(exec_id).and_then(|p| p.exited()).is_some())
+                    .with(cid, |c| {
+                        c.process(exec_id).and_then(|p| p.exited()).is_some()
+                    })
                     .unwrap_or(false) =>
             {
                 Ok(())
