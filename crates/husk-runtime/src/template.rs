@@ -373,6 +373,29 @@ impl Store {
         Ok(())
     }
 
+    /// Removes the templates `key` replaces: those built from the same
+    /// QEMU, kernel and initrd paths and machine whose files (or husk) have
+    /// changed since. Templates of other configurations stay. Returns the
+    /// ids removed.
+    pub fn prune_replaced_by(&self, key: &Key) -> Vec<String> {
+        let new = &key.inputs;
+        let mut removed = Vec::new();
+        for t in self.list() {
+            let old = &t.meta.inputs;
+            let same_config = old.qemu.path == new.qemu.path
+                && old.kernel.path == new.kernel.path
+                && old.initrd.path == new.initrd.path
+                && old.kernel_cmdline == new.kernel_cmdline
+                && old.vcpus == new.vcpus
+                && old.memory_mib == new.memory_mib
+                && old.tcg_tb_size_mib == new.tcg_tb_size_mib;
+            if t.id != key.id && same_config && self.remove(&t.id).is_ok() {
+                removed.push(t.id);
+            }
+        }
+        removed
+    }
+
     /// Removes every template but `keep`; returns the ids removed.
     pub fn prune(&self, keep: Option<&str>) -> Vec<String> {
         let mut removed = Vec::new();
@@ -540,6 +563,10 @@ pub(crate) async fn ensure(
             tracing::info!(template = %key.id, "building the VM template (boots the guest once, about 2 s under TCG)");
             let t = build(cfg, hv, machine, b).await?;
             tracing::info!(template = %t.id, build_ms = t.meta.build_ms, "VM template built");
+            let store = Store::new(&cfg.template.dir);
+            for id in store.prune_replaced_by(&key) {
+                tracing::info!(template = %id, "removed the VM template this one replaces");
+            }
             Ok(t)
         }
     }
@@ -729,6 +756,41 @@ mod tests {
             "{e}"
         );
         assert!(store.remove("../etc").is_err());
+    }
+
+    fn build(store: &Store, key: &Key) -> Template {
+        match store.lookup(key).unwrap() {
+            Lookup::Build(b) => {
+                fs::write(b.memory(), "ram").unwrap();
+                fs::write(b.state(), "devices").unwrap();
+                b.finish().unwrap()
+            }
+            Lookup::Ready(t) => t,
+        }
+    }
+
+    #[test]
+    fn a_new_initrd_replaces_the_old_template_but_not_other_configurations() {
+        let d = husk_testutil::TempDir::new("template-prune");
+        let store = Store::new(&d.path().join("templates"));
+        let old = Key::new(inputs(d.path()));
+        build(&store, &old);
+        let mut debug = old.inputs.clone();
+        debug.kernel_cmdline.push_str(" husk.log=debug");
+        let debug = Key::new(debug);
+        build(&store, &debug);
+        std::thread::sleep(Duration::from_millis(10));
+        fs::write(d.path().join("initrd.img"), "a new agent").unwrap();
+        let mut new = old.inputs.clone();
+        new.initrd = FileId::of(&d.path().join("initrd.img")).unwrap();
+        let new = Key::new(new);
+        build(&store, &new);
+        assert_eq!(store.prune_replaced_by(&new), vec![old.id.clone()]);
+        let mut left: Vec<String> = store.list().into_iter().map(|t| t.id).collect();
+        left.sort();
+        let mut want = vec![debug.id.clone(), new.id.clone()];
+        want.sort();
+        assert_eq!(left, want);
     }
 
     #[test]
