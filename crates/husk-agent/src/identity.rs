@@ -17,13 +17,19 @@ pub const MAX_ENTROPY: usize = 512;
 /// Least entropy that counts as a reseed (the CRNG's key is 32 bytes).
 pub const MIN_ENTROPY: usize = 32;
 
+/// Why `RenewIdentity` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
+    /// A field of the request is out of range; the message names the field
+    /// and its value (never the entropy bytes, only their count).
     #[error("RenewIdentity: {0}")]
     Invalid(String),
+    /// The kernel refused a step; nothing after it was done.
     #[error("RenewIdentity: {what}")]
     Sys {
+        /// The step that failed.
         what: &'static str,
+        /// The kernel's error.
         #[source]
         source: std::io::Error,
     },
@@ -32,9 +38,13 @@ pub enum IdentityError {
 /// A checked `RenewIdentityRequest`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
+    /// [`MIN_ENTROPY`] to [`MAX_ENTROPY`] bytes from the host.
     pub entropy: Vec<u8>,
+    /// Seconds since the epoch, above 0.
     pub realtime_sec: i64,
+    /// Below 1e9.
     pub realtime_nsec: u32,
+    /// Non-empty, at most 64 bytes of `[a-zA-Z0-9-.]`, not starting with `-`.
     pub hostname: String,
 }
 
@@ -81,7 +91,9 @@ impl Identity {
         })
     }
 
-    /// Reseeds the RNG, sets the clock and the hostname, in that order.
+    /// Reseeds the RNG, sets the clock and the hostname, in that order;
+    /// the first step that fails stops the rest. Needs CAP_SYS_ADMIN and
+    /// CAP_SYS_TIME (the agent, PID 1, has them).
     pub fn apply(&self) -> Result<(), IdentityError> {
         let sys = |what| move |source| IdentityError::Sys { what, source };
         let random = OpenOptions::new()
@@ -127,6 +139,20 @@ mod tests {
     }
 
     #[test]
+    fn the_bounds_are_inclusive() {
+        for (n, host) in [
+            (MIN_ENTROPY, "a".repeat(64)),
+            (MAX_ENTROPY, "a-b.c9".into()),
+        ] {
+            let mut r = req();
+            r.entropy = vec![0; n];
+            r.hostname = host;
+            r.realtime_nsec = 999_999_999;
+            assert!(Identity::parse(&r).is_ok(), "{n} bytes");
+        }
+    }
+
+    #[test]
     fn a_good_request_parses() {
         let id = Identity::parse(&req()).unwrap();
         assert_eq!(id.hostname, "husk-c1");
@@ -151,6 +177,8 @@ mod tests {
             (Box::new(|r| r.hostname = "-x".into()), "hostname \"-x\""),
             (Box::new(|r| r.hostname = "a b".into()), "hostname \"a b\""),
             (Box::new(|r| r.hostname = "a".repeat(65)), "at most 64"),
+            (Box::new(|r| r.hostname = "a_b".into()), "hostname \"a_b\""),
+            (Box::new(|r| r.realtime_sec = -1), "realtime_sec -1"),
         ];
         for (edit, want) in cases {
             let mut r = req();

@@ -141,6 +141,11 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: husk_protocol::agent::RenewIdentityRequest,
     ) -> Reply<Empty> {
+        tracing::debug!(
+            entropy_bytes = req.entropy.len(),
+            hostname = %req.hostname,
+            "RenewIdentity"
+        );
         let result = crate::identity::Identity::parse(&req).and_then(|id| id.apply());
         if let Err(e) = &result {
             tracing::warn!("renewing the guest's identity failed: {e}");

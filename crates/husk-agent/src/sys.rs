@@ -612,6 +612,9 @@ const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 /// from the pool at once (`RNDRESEEDCRNG`). Needs CAP_SYS_ADMIN.
 pub fn add_entropy_and_reseed(random: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
     // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    if bytes.len() > (i32::MAX / 8) as usize {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
     let mut info = Vec::with_capacity(8 + bytes.len());
     info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
     info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
@@ -641,6 +644,16 @@ pub fn add_entropy_and_reseed(random: BorrowedFd<'_>, bytes: &[u8]) -> io::Resul
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+
+    #[test]
+    fn the_random_ioctl_numbers_are_their_encodings() {
+        // _IOC(dir, type, nr, size) = dir << 30 | size << 16 | type << 8 | nr
+        let ioc = |dir: libc::c_ulong, nr: libc::c_ulong, size: libc::c_ulong| {
+            dir << 30 | size << 16 | (b'R' as libc::c_ulong) << 8 | nr
+        };
+        assert_eq!(RNDADDENTROPY, ioc(1, 0x03, 2 * 4));
+        assert_eq!(RNDRESEEDCRNG, ioc(0, 0x07, 0));
+    }
     use std::os::fd::AsFd;
 
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};

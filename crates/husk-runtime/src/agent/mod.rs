@@ -494,6 +494,21 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn renew_identity_has_a_short_deadline_and_the_fake_records_it() {
+        let call = Call::RenewIdentity {
+            entropy: vec![1; 64],
+            realtime: std::time::SystemTime::now(),
+            hostname: "husk-a".into(),
+        };
+        assert_eq!(call.name(), "RenewIdentity");
+        assert_eq!(call.deadline(), Some(Duration::from_secs(5)));
+        let fake = fake::FakeAgent::new();
+        let client = AgentClient::new(fake.clone());
+        client.done(call).await.unwrap();
+        assert_eq!(fake.calls(), ["RenewIdentity"]);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_call_that_is_never_answered_times_out_at_its_deadline() {
         let fake = fake::FakeAgent::new();

@@ -147,19 +147,10 @@ impl AgentConn for TtrpcConn {
                 entropy,
                 realtime,
                 hostname,
-            } => {
-                let t = realtime
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default();
-                let req = pb::RenewIdentityRequest {
-                    entropy,
-                    realtime_sec: t.as_secs() as i64,
-                    realtime_nsec: t.subsec_nanos(),
-                    hostname,
-                    ..Default::default()
-                };
-                done(raw.renew_identity(ctx(), &req).await)
-            }
+            } => done(
+                raw.renew_identity(ctx(), &identity_request(entropy, realtime, hostname))
+                    .await,
+            ),
             Call::ConfigureNetwork { cid, network } => done(
                 raw.configure_network(ctx(), &network_request(cid, network))
                     .await,
@@ -303,6 +294,26 @@ impl AgentConn for TtrpcConn {
     }
 }
 
+/// `RenewIdentity`'s message: `realtime` as seconds and nanoseconds since
+/// the epoch. A time before the epoch (a host clock that is badly wrong)
+/// goes as 0, which the agent refuses, naming `realtime_sec`.
+fn identity_request(
+    entropy: Vec<u8>,
+    realtime: std::time::SystemTime,
+    hostname: String,
+) -> pb::RenewIdentityRequest {
+    let t = realtime
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    pb::RenewIdentityRequest {
+        entropy,
+        realtime_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+        realtime_nsec: t.subsec_nanos(),
+        hostname,
+        ..Default::default()
+    }
+}
+
 /// The one conversion of a sandbox's network into the agent's message.
 fn network_request(cid: String, n: crate::net::GuestNetwork) -> pb::ConfigureNetworkRequest {
     pb::ConfigureNetworkRequest {
@@ -342,5 +353,27 @@ fn network_request(cid: String, n: crate::net::GuestNetwork) -> pb::ConfigureNet
             })
             .collect(),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn the_identity_request_carries_the_time_as_seconds_and_nanoseconds() {
+        let t = UNIX_EPOCH + Duration::new(1_796_000_000, 123_456_789);
+        let r = identity_request(vec![9; 32], t, "husk-a".into());
+        assert_eq!(
+            (r.realtime_sec, r.realtime_nsec),
+            (1_796_000_000, 123_456_789)
+        );
+        assert_eq!((r.entropy.len(), r.hostname.as_str()), (32, "husk-a"));
+        let before = UNIX_EPOCH - Duration::from_secs(1);
+        assert_eq!(
+            identity_request(vec![], before, String::new()).realtime_sec,
+            0
+        );
     }
 }
