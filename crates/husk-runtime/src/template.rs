@@ -307,15 +307,7 @@ impl Store {
         fs::create_dir_all(&self.root)
             .map_err(io_err(format!("cannot create {}", self.root.display())))?;
         let _ = fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700));
-        let lock_path = self.root.join(format!("{}.lock", key.id));
-        let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err(format!("cannot open {}", lock_path.display())))?;
-        let lock =
-            lock_exclusive(lock).map_err(io_err(format!("cannot lock {}", lock_path.display())))?;
+        let lock = self.lock(&key.id)?;
         if let Some(t) = self.find(key) {
             return Ok(Lookup::Ready(t));
         }
@@ -356,21 +348,29 @@ impl Store {
         if id.is_empty() || id.contains('/') || id.contains('.') || !dir.is_dir() {
             return Err(TemplateError::NotFound(id.to_string()));
         }
-        let lock_path = self.root.join(format!("{id}.lock"));
-        let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err(format!("cannot open {}", lock_path.display())))?;
-        let _lock =
-            lock_exclusive(lock).map_err(io_err(format!("cannot lock {}", lock_path.display())))?;
+        let _lock = self.lock(id)?;
         // A sandbox restored from it keeps its mapping: the pages stay
         // until its QEMU exits.
         fs::remove_dir_all(&dir).map_err(io_err(format!("cannot remove {}", dir.display())))?;
         self.remove_builds_of(id);
-        let _ = fs::remove_file(&lock_path);
+        let _ = fs::remove_file(self.lock_path(id));
         Ok(())
+    }
+
+    fn lock_path(&self, id: &str) -> PathBuf {
+        self.root.join(format!("{id}.lock"))
+    }
+
+    /// Holds the lock of template `id` (waiting for whoever holds it).
+    fn lock(&self, id: &str) -> Result<KeyLock, TemplateError> {
+        let path = self.lock_path(id);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(format!("cannot open {}", path.display())))?;
+        lock_exclusive(file).map_err(io_err(format!("cannot lock {}", path.display())))
     }
 
     /// Removes the templates `key` replaces: those built from the same
